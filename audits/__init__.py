@@ -1,0 +1,1 @@
+"""Fairness metrics, disparities and reports over score tables."""

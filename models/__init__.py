@@ -1,0 +1,1 @@
+"""Torch encoders, the fusion model, calibration, artifacts and explainers."""

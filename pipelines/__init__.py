@@ -1,0 +1,1 @@
+"""Data to tensors and jobs: imaging, EHR features, notes, the synthetic cohort."""

@@ -1,0 +1,1 @@
+"""Developer scripts: test runner and throwaway services."""

@@ -1,0 +1,1 @@
+"""The service: FastAPI app, persistence, access control, listeners and the CLI."""
