@@ -1,0 +1,133 @@
+"""The EHR feature spec: which observations become features, in which unit.
+
+Keyed by LOINC. Each feature has one unit; observations in a commensurable unit
+are converted to it and incommensurable ones are an error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DEFAULT_SPEC", "FeatureSpec", "LabFeature", "STATISTICS"]
+
+#: Window statistics, in column order.
+STATISTICS: tuple[str, ...] = ("last", "min", "max", "mean", "trend")
+
+
+@dataclass(frozen=True)
+class LabFeature:
+    """One observation type, as a family of columns."""
+
+    name: str
+    loinc: tuple[str, ...]  # accepted codes; the first is canonical
+    unit: str  # UCUM unit every value is converted to
+    display: str
+    reference_low: float | None = None
+    reference_high: float | None = None
+    molar_mass: float | None = None  # g/mol, for mass <-> substance concentration
+    valence: int | None = None  # for mEq/L <-> mmol/L
+
+    @property
+    def code(self) -> str:
+        return self.loinc[0]
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Features, windows and statistics for the EHR feature builder."""
+
+    features: tuple[LabFeature, ...]
+    windows_hours: tuple[float, ...] = (24.0, 72.0)
+    statistics: tuple[str, ...] = STATISTICS
+    include_age: bool = True
+    version: str = "1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.statistics if s not in STATISTICS]
+        if unknown:
+            raise ValueError(f"unknown statistics {unknown}; choose from {list(STATISTICS)}")
+        if not self.windows_hours or any(w <= 0 for w in self.windows_hours):
+            raise ValueError(f"windows_hours must be positive, got {list(self.windows_hours)}")
+        names = [f.name for f in self.features]
+        if len(set(names)) != len(names):
+            raise ValueError(f"feature names must be unique, got {names}")
+        codes = [c for f in self.features for c in f.loinc]
+        if len(set(codes)) != len(codes):
+            raise ValueError("a LOINC code may belong to one feature only")
+
+    def by_loinc(self) -> dict[str, LabFeature]:
+        return {code: f for f in self.features for code in f.loinc}
+
+    def column_names(self) -> list[str]:
+        """Feature table columns, in order."""
+        return list(self._columns())
+
+    def _columns(self) -> Iterator[str]:
+        if self.include_age:
+            yield "age_years"
+        for feat in self.features:
+            for window in self.windows_hours:
+                for stat in self.statistics:
+                    yield window_column(feat.name, stat, window)
+            yield f"{feat.name}_hours_since_last"
+            yield f"{feat.name}_missing"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FeatureSpec:
+        feats = tuple(
+            LabFeature(**{**f, "loinc": tuple(f["loinc"])}) for f in data["features"]
+        )
+        return cls(
+            features=feats,
+            windows_hours=tuple(float(w) for w in data.get("windows_hours", (24.0, 72.0))),
+            statistics=tuple(data.get("statistics", STATISTICS)),
+            include_age=bool(data.get("include_age", True)),
+            version=str(data.get("version", "1")),
+            extra=dict(data.get("extra", {})),
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> FeatureSpec:
+        return cls.from_dict(yaml.safe_load(Path(path).read_text()))
+
+    def to_yaml(self, path: str | Path) -> None:
+        data = self.to_dict()
+        data["features"] = [{**f, "loinc": list(f["loinc"])} for f in data["features"]]
+        data["windows_hours"] = list(data["windows_hours"])
+        data["statistics"] = list(data["statistics"])
+        Path(path).write_text(yaml.safe_dump(data, sort_keys=False))
+
+
+def window_column(feature: str, statistic: str, window_hours: float) -> str:
+    """Column name for one statistic over one look-back window."""
+    return f"{feature}_{statistic}_{window_hours:g}h"
+
+
+#: Vitals and labs used by deterioration scores (NEWS2, eCART), in common US units.
+DEFAULT_SPEC = FeatureSpec(
+    features=(
+        LabFeature("heart_rate", ("8867-4",), "/min", "Heart rate", 60, 100),
+        LabFeature("resp_rate", ("9279-1",), "/min", "Respiratory rate", 12, 20),
+        LabFeature("sbp", ("8480-6",), "mm[Hg]", "Systolic blood pressure", 90, 140),
+        LabFeature("temperature", ("8310-5",), "Cel", "Body temperature", 36.1, 37.8),
+        LabFeature("spo2", ("59408-5", "2708-6"), "%", "Oxygen saturation", 94, 100),
+        LabFeature("lactate", ("2524-7", "32693-4"), "mmol/L", "Lactate", 0.5, 2.2,
+                   molar_mass=90.08),
+        LabFeature("wbc", ("6690-2",), "10*3/uL", "Leukocytes", 4.0, 11.0),
+        LabFeature("creatinine", ("2160-0", "38483-4", "14682-9"), "mg/dL", "Creatinine", 0.6, 1.3,
+                   molar_mass=113.12),
+        LabFeature("glucose", ("2339-0", "2345-7", "15074-8", "14749-6"), "mg/dL", "Glucose",
+                   70, 140, molar_mass=180.156),
+        LabFeature("sodium", ("2951-2", "2947-0"), "mmol/L", "Sodium", 135, 145, valence=1),
+        LabFeature("hemoglobin", ("718-7",), "g/dL", "Hemoglobin", 12.0, 17.5),
+    ),
+)
