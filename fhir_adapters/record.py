@@ -25,6 +25,8 @@ __all__ = [
     "Outcome",
     "PatientIdentifier",
     "PatientRecord",
+    "merge_records",
+    "record_from_json",
 ]
 
 
@@ -257,3 +259,48 @@ def merge_records(records: Iterable[PatientRecord]) -> list[PatientRecord]:
         for k in keys:
             alias.setdefault(k, target)
     return list(merged.values())
+
+
+def _dt(value: str | None) -> datetime | None:
+    return None if value is None else ensure_utc(datetime.fromisoformat(value))
+
+
+def record_from_json(data: dict[str, Any]) -> PatientRecord:
+    """Rebuild a PatientRecord from ``PatientRecord.to_json()`` output."""
+    demo = dict(data.get("demographics") or {})
+    birth = demo.get("birth_date")
+    demographics = Demographics(
+        **{
+            **demo,
+            "birth_date": date.fromisoformat(birth) if birth else None,
+            "race": tuple(Coding(**c) for c in demo.get("race", ())),
+            "ethnicity": tuple(Coding(**c) for c in demo.get("ethnicity", ())),
+            "payers": tuple(demo.get("payers", ())),
+        }
+    )
+    key = data.get("key")
+    outcome = data.get("outcome") or {}
+    return PatientRecord(
+        key=PatientIdentifier(**key) if key else None,
+        resource_id=data.get("resource_id"),
+        identifiers=tuple(PatientIdentifier(**i) for i in data.get("identifiers", ())),
+        demographics=demographics,
+        observations=[Observation(**{**o, "effective": _dt(o.get("effective"))})
+                      for o in data.get("observations", ())],
+        conditions=[Condition(**{**c, "onset": _dt(c.get("onset")),
+                                 "abatement": _dt(c.get("abatement"))})
+                    for c in data.get("conditions", ())],
+        medications=[Medication(**{**m, "authored": _dt(m.get("authored"))})
+                     for m in data.get("medications", ())],
+        notes=[Note(**{**n, "time": _dt(n.get("time"))}) for n in data.get("notes", ())],
+        encounters=[Encounter(**{**e, "start": _dt(e.get("start")), "end": _dt(e.get("end"))})
+                    for e in data.get("encounters", ())],
+        imaging=[ImagingStudyRef(StudyInstanceUID=s.get("StudyInstanceUID"),
+                                 started=_dt(s.get("started")),
+                                 series=tuple(ImagingSeriesRef(**x) for x in s.get("series", ())),
+                                 source=s.get("source"))
+                 for s in data.get("imaging", ())],
+        outcome=Outcome(deceased=outcome.get("deceased"),
+                        deceased_time=_dt(outcome.get("deceased_time"))),
+        index_time=_dt(data.get("index_time")),
+    )

@@ -151,7 +151,8 @@ def convert(
         unknown = from_unit if src is None else to_unit
         raise UnitError(Issue("value", f"unknown UCUM unit {unknown!r}", where))
     base = value * src.factor + src.offset
-    base = _bridge(base, src.dimension, dst.dimension, molar_mass, valence, src_code, dst_code, where)
+    base = _bridge(base, src.dimension, dst.dimension, molar_mass, valence, src_code, dst_code,
+                   where)
     return (base - dst.offset) / dst.factor
 
 

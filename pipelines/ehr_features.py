@@ -25,12 +25,13 @@ from sklearn.utils.validation import check_is_fitted
 from fhir_adapters.errors import Issue, UnitError
 from fhir_adapters.record import PatientRecord
 from fhir_adapters.units import convert
-from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec, LabFeature, window_column
+from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 
 __all__ = ["EHRFeatureBuilder", "record_features"]
 
 
-def _series(record: PatientRecord, spec: FeatureSpec) -> dict[str, list[tuple[datetime, float]]]:
+def _series(record: PatientRecord, spec: FeatureSpec
+            ) -> dict[str, list[tuple[datetime, float]]]:
     """Numeric observations per feature, converted to the feature's unit, sorted by time."""
     by_code = spec.by_loinc()
     out: dict[str, list[tuple[datetime, float]]] = {f.name: [] for f in spec.features}
@@ -159,6 +160,3 @@ class EHRFeatureBuilder(TransformerMixin, BaseEstimator):
         rows = [record_features(r, self.spec) for r in records]
         return pd.DataFrame(rows, columns=self.spec.column_names(), dtype=float)
 
-
-# Re-exported so callers can name a column without importing the spec module.
-__all__ += ["LabFeature", "window_column"]

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULT_SPEC", "FeatureSpec", "LabFeature", "STATISTICS"]
+__all__ = ["DEFAULT_SPEC", "STATISTICS", "FeatureSpec", "LabFeature"]
 
 #: Window statistics, in column order.
 STATISTICS: tuple[str, ...] = ("last", "min", "max", "mean", "trend")

@@ -1,0 +1,28 @@
+"""All service configuration, read from CLINFUSE_* environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """The one place configuration is read. Nothing else reads os.environ."""
+
+    model_config = SettingsConfigDict(env_prefix="CLINFUSE_", extra="ignore")
+
+    environment: Literal["demo", "development", "production"] = "demo"
+    #: SQLAlchemy URL. SQLite is the embedded default; PostgreSQL for deployments.
+    database_url: str = "sqlite:///clinfuse.db"
+    data_dir: Path = Path("clinfuse-data")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
