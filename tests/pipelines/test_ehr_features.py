@@ -1,0 +1,113 @@
+"""EHR features against values worked out by hand."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+from sklearn.exceptions import NotFittedError
+
+from fhir_adapters.errors import UnitError
+from fhir_adapters.record import Demographics, Observation, PatientIdentifier, PatientRecord
+from pipelines.ehr_features import EHRFeatureBuilder
+from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec, LabFeature
+
+INDEX = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
+LOINC = "http://loinc.org"
+
+
+def obs(code: str, value: float, unit: str, hours_before: float) -> Observation:
+    return Observation(code, LOINC, None, value, unit, INDEX - timedelta(hours=hours_before))
+
+
+def patient(observations: list[Observation], birth: date | None = date(1956, 3, 10)
+            ) -> PatientRecord:
+    return PatientRecord(key=PatientIdentifier("urn:mrn", "1"), demographics=Demographics(
+        sex="male", birth_date=birth), observations=observations)
+
+
+def row(record: PatientRecord, spec: FeatureSpec = DEFAULT_SPEC) -> dict[str, float]:
+    table = EHRFeatureBuilder(spec=spec).fit([record.as_of(INDEX)]).transform(
+        [record.as_of(INDEX)])
+    return table.iloc[0].to_dict()
+
+
+def test_window_statistics_by_hand() -> None:
+    record = patient([
+        obs("2524-7", 2.0, "mmol/L", 10), obs("2524-7", 4.0, "mmol/L", 1),
+        obs("2524-7", 1.0, "mmol/L", 30), obs("2524-7", 9.0, "mmol/L", -2),  # after index
+    ])
+    r = row(record)
+    assert r["lactate_last_24h"] == 4.0
+    assert r["lactate_min_24h"] == 2.0 and r["lactate_max_24h"] == 4.0
+    assert r["lactate_mean_24h"] == 3.0
+    # slope over (-10 h, 2.0), (-1 h, 4.0): 2.0 / (9/24 day)
+    assert r["lactate_trend_24h"] == pytest.approx(2.0 / (9 / 24))
+    assert r["lactate_min_72h"] == 1.0 and r["lactate_mean_72h"] == pytest.approx(7 / 3)
+    assert r["lactate_hours_since_last"] == pytest.approx(1.0)
+    assert r["lactate_missing"] == 0.0
+    assert r["age_years"] == pytest.approx(25567 / 365.25)  # 70 y + 17 leap days
+
+
+def test_single_point_has_no_trend_and_absent_feature_is_missing() -> None:
+    r = row(patient([obs("8867-4", 88, "/min", 3)]))
+    assert r["heart_rate_last_24h"] == 88 and math.isnan(r["heart_rate_trend_24h"])
+    assert r["wbc_missing"] == 1.0 and math.isnan(r["wbc_last_72h"])
+    assert math.isnan(r["wbc_hours_since_last"])
+
+
+def test_commensurable_units_are_converted() -> None:
+    r = row(patient([
+        obs("15074-8", 5.5, "mmol/L", 2),  # glucose by substance, 180.156 g/mol
+        obs("14682-9", 88.4, "umol/L", 2),  # creatinine, 113.12 g/mol
+        obs("8310-5", 98.6, "[degF]", 2),
+    ]))
+    assert r["glucose_last_24h"] == pytest.approx(5.5 * 180.156 / 10)
+    assert r["creatinine_last_24h"] == pytest.approx(88.4 * 113.12 / 10000)
+    assert r["temperature_last_24h"] == pytest.approx(37.0)
+
+
+def test_incommensurable_unit_is_an_error_naming_the_source() -> None:
+    bad = Observation("2339-0", LOINC, None, 5.0, "kg", INDEX - timedelta(hours=1),
+                      source="Observation/glu-1")
+    with pytest.raises(UnitError, match=r"Observation/glu-1.*'kg'.*mass") as info:
+        row(patient([bad]))
+    assert "5.0" not in str(info.value)
+
+
+def test_record_without_index_time_is_refused() -> None:
+    builder = EHRFeatureBuilder().fit([patient([]).as_of(INDEX)])
+    with pytest.raises(ValueError, match="as_of"):
+        builder.transform([patient([])])
+
+
+def test_transform_before_fit_raises() -> None:
+    with pytest.raises(NotFittedError):
+        EHRFeatureBuilder().transform([patient([]).as_of(INDEX)])
+
+
+def test_fit_learns_only_from_training_records() -> None:
+    train = [patient([obs("8867-4", v, "/min", 1)]).as_of(INDEX) for v in (60, 70, 80)]
+    test = [patient([obs("8867-4", 200, "/min", 1)]).as_of(INDEX)]
+    builder = EHRFeatureBuilder(impute=True).fit(train)
+    before = builder.medians_.copy()
+    builder.transform(test)
+    assert builder.medians_.equals(before)
+    assert before["heart_rate_last_24h"] == 70
+    filled = builder.transform([patient([]).as_of(INDEX)])
+    assert filled.loc[0, "heart_rate_last_24h"] == 70
+    assert filled.loc[0, "heart_rate_missing"] == 1.0
+
+
+def test_spec_round_trips_through_yaml(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    spec = FeatureSpec(features=(LabFeature("k", ("2823-3",), "mmol/L", "Potassium", 3.5, 5.1),),
+                       windows_hours=(12.0,))
+    spec.to_yaml(tmp_path / "spec.yaml")
+    assert FeatureSpec.from_yaml(tmp_path / "spec.yaml") == spec
+    assert spec.column_names()[:3] == ["age_years", "k_last_12h", "k_min_12h"]
+
+
+def test_spec_rejects_unknown_statistic() -> None:
+    with pytest.raises(ValueError, match="median"):
+        FeatureSpec(features=(), statistics=("median",))
