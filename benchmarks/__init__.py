@@ -1,0 +1,1 @@
+"""Benchmarks: each runs its baseline in the same process and reports the ratio."""
