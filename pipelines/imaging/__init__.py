@@ -1,0 +1,1 @@
+"""Medical images to model-ready volumes: DICOM and NIfTI reading, selection, preprocessing."""
