@@ -35,3 +35,25 @@ class PatientRow(Base):
     record: Mapped[dict[str, Any]] = mapped_column(JSON)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now,
                                                  onupdate=_now)
+
+
+class DicomInstanceRow(Base):
+    """The index of stored DICOM instances; the bytes live in content-addressed files."""
+
+    __tablename__ = "dicom_instances"
+
+    SOPInstanceUID: Mapped[str] = mapped_column(String(64), primary_key=True)
+    SOPClassUID: Mapped[str] = mapped_column(String(64))
+    StudyInstanceUID: Mapped[str] = mapped_column(String(64), index=True)
+    SeriesInstanceUID: Mapped[str] = mapped_column(String(64), index=True)
+    PatientID: Mapped[str | None] = mapped_column(String(64), index=True)
+    IssuerOfPatientID: Mapped[str | None] = mapped_column(String(64))
+    Modality: Mapped[str | None] = mapped_column(String(16))
+    StudyDate: Mapped[str | None] = mapped_column(String(8))
+    InstanceNumber: Mapped[int | None] = mapped_column()
+    TransferSyntaxUID: Mapped[str | None] = mapped_column(String(64))
+    sha256: Mapped[str] = mapped_column(String(64))
+    size: Mapped[int] = mapped_column()
+    #: Study/series-level attributes kept for QIDO, as DICOM JSON.
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON)
+    stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
