@@ -188,7 +188,7 @@ class DicomStore:
             return StoreResult(StoreStatus.FAILED, _uid(ds, "SOPInstanceUID"),
                                _uid(ds, "SOPClassUID"), reason=exc.reason, code=exc.code)
         sha = hashlib.sha256(data).hexdigest()
-        identity = {k: str(ds[k].value) for k in REQUIRED_KEYWORDS}
+        identity: dict[str, Any] = {k: str(ds[k].value) for k in REQUIRED_KEYWORDS}
         with self.sessions() as session:
             existing = session.get(DicomInstanceRow, identity["SOPInstanceUID"])
         if existing is not None:
@@ -220,7 +220,7 @@ class DicomStore:
             return self._repeat(existing, sha, identity)
         return StoreResult(StoreStatus.STORED, **identity)
 
-    def _repeat(self, existing: DicomInstanceRow, sha: str, identity: dict[str, str]
+    def _repeat(self, existing: DicomInstanceRow, sha: str, identity: dict[str, Any]
                 ) -> StoreResult:
         if existing.sha256 == sha:
             return StoreResult(StoreStatus.DUPLICATE, **identity)
