@@ -184,9 +184,9 @@ class DicomStore:
         try:
             ds = parse_instance(data)
         except InstanceError as exc:
-            ds = exc.dataset
-            return StoreResult(StoreStatus.FAILED, _uid(ds, "SOPInstanceUID"),
-                               _uid(ds, "SOPClassUID"), reason=exc.reason, code=exc.code)
+            return StoreResult(StoreStatus.FAILED, _uid(exc.dataset, "SOPInstanceUID"),
+                               _uid(exc.dataset, "SOPClassUID"), reason=exc.reason,
+                               code=exc.code)
         sha = hashlib.sha256(data).hexdigest()
         identity: dict[str, Any] = {k: str(ds[k].value) for k in REQUIRED_KEYWORDS}
         with self.sessions() as session:

@@ -21,6 +21,19 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Public base URL used in RetrieveURLs; defaults to the request's own.
+    public_base_url: str | None = None
+    #: Largest accepted request body (STOW-RS, FHIR, HL7 over HTTP); larger ones get 413.
+    max_upload_bytes: int = 512 * 1024 * 1024
+    #: DIMSE C-STORE SCP.
+    dicom_ae_title: str = "CLINFUSE"
+    dicom_port: int = 11112
+    #: Calling AE titles allowed to associate; empty means none is allowed.
+    dicom_allowed_aets: list[str] = []
+
+    @property
+    def dicom_storage_dir(self) -> Path:
+        return self.data_dir / "dicom"
 
 
 @lru_cache

@@ -1,0 +1,139 @@
+"""DICOMweb routes: STOW-RS, QIDO-RS and WADO-RS under /dicomweb."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from services import dicomweb
+from services.api.deps import DicomStoreDep, SettingsDep, base_url, read_limited_body
+
+PREFIX = "/dicomweb"
+router = APIRouter(prefix=PREFIX, tags=["DICOMweb"])
+
+
+def _dicom_json(payload: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(payload, status_code=status, media_type=dicomweb.DICOM_JSON)
+
+
+async def _stow(request: Request, store: DicomStoreDep, settings: SettingsDep,
+                study: str | None) -> JSONResponse:
+    body = await read_limited_body(request, settings.max_upload_bytes)
+    try:
+        status, payload = dicomweb.stow(store, request.headers.get("content-type", ""), body,
+                                        base_url=base_url(request, settings, PREFIX),
+                                        study_uid=study)
+    except dicomweb.UnsupportedMediaType as exc:
+        raise HTTPException(415, str(exc)) from None
+    except dicomweb.MultipartError as exc:
+        raise HTTPException(400, f"malformed multipart/related body: {exc}") from None
+    return _dicom_json(payload, status)
+
+
+@router.post("/studies", summary="STOW-RS: store instances",
+             responses={200: {"description": "all stored"},
+                        202: {"description": "some stored; failures or warnings listed"},
+                        409: {"description": "none stored"}, 413: {"description": "too large"},
+                        415: {"description": "not multipart/related application/dicom"}})
+async def store_instances(request: Request, store: DicomStoreDep,
+                          settings: SettingsDep) -> JSONResponse:
+    return await _stow(request, store, settings, None)
+
+
+@router.post("/studies/{study}", summary="STOW-RS: store instances into one study")
+async def store_study_instances(study: str, request: Request, store: DicomStoreDep,
+                                settings: SettingsDep) -> JSONResponse:
+    return await _stow(request, store, settings, study)
+
+
+def _search(store: DicomStoreDep, level: dicomweb.Level, request: Request,
+            scope: dict[str, str]) -> JSONResponse:
+    try:
+        return _dicom_json(dicomweb.qido(store, level, dict(request.query_params), scope=scope))
+    except dicomweb.QueryError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+@router.get("/studies", summary="QIDO-RS: search studies")
+def search_studies(request: Request, store: DicomStoreDep) -> JSONResponse:
+    return _search(store, "study", request, {})
+
+
+@router.get("/series", summary="QIDO-RS: search series")
+def search_series(request: Request, store: DicomStoreDep) -> JSONResponse:
+    return _search(store, "series", request, {})
+
+
+@router.get("/instances", summary="QIDO-RS: search instances")
+def search_instances(request: Request, store: DicomStoreDep) -> JSONResponse:
+    return _search(store, "instance", request, {})
+
+
+@router.get("/studies/{study}/series", summary="QIDO-RS: search a study's series")
+def search_study_series(study: str, request: Request, store: DicomStoreDep) -> JSONResponse:
+    return _search(store, "series", request, {"StudyInstanceUID": study})
+
+
+@router.get("/studies/{study}/series/{series}/instances",
+            summary="QIDO-RS: search a series' instances")
+def search_series_instances(study: str, series: str, request: Request,
+                            store: DicomStoreDep) -> JSONResponse:
+    return _search(store, "instance", request,
+                   {"StudyInstanceUID": study, "SeriesInstanceUID": series})
+
+
+def _rows(store: DicomStoreDep, study: str, series: str | None = None,
+          instance: str | None = None) -> list[Any]:
+    rows = store.find(StudyInstanceUID=study, SeriesInstanceUID=series, SOPInstanceUID=instance)
+    if not rows:
+        raise HTTPException(404, "no such study, series or instance")
+    return rows
+
+
+def _retrieve(store: DicomStoreDep, rows: list[Any]) -> StreamingResponse:
+    content_type, chunks = dicomweb.build_multipart(store.iter_bytes(rows))
+    return StreamingResponse(chunks, media_type=content_type)
+
+
+@router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+def retrieve_study(study: str, store: DicomStoreDep) -> StreamingResponse:
+    return _retrieve(store, _rows(store, study))
+
+
+@router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+def retrieve_series(study: str, series: str, store: DicomStoreDep) -> StreamingResponse:
+    return _retrieve(store, _rows(store, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}",
+            summary="WADO-RS: retrieve an instance")
+def retrieve_instance(study: str, series: str, instance: str,
+                      store: DicomStoreDep) -> StreamingResponse:
+    return _retrieve(store, _rows(store, study, series, instance))
+
+
+def _metadata(request: Request, settings: SettingsDep, store: DicomStoreDep,
+              rows: list[Any]) -> JSONResponse:
+    root = base_url(request, settings, PREFIX)
+    return _dicom_json([dicomweb.instance_metadata(store.read_bytes(r), root, r) for r in rows])
+
+
+@router.get("/studies/{study}/metadata", summary="WADO-RS: a study's metadata")
+def study_metadata(study: str, request: Request, settings: SettingsDep,
+                   store: DicomStoreDep) -> JSONResponse:
+    return _metadata(request, settings, store, _rows(store, study))
+
+
+@router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata")
+def series_metadata(study: str, series: str, request: Request, settings: SettingsDep,
+                    store: DicomStoreDep) -> JSONResponse:
+    return _metadata(request, settings, store, _rows(store, study, series))
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/metadata",
+            summary="WADO-RS: an instance's metadata")
+def instance_metadata(study: str, series: str, instance: str, request: Request,
+                      settings: SettingsDep, store: DicomStoreDep) -> JSONResponse:
+    return _metadata(request, settings, store, _rows(store, study, series, instance))
