@@ -53,7 +53,9 @@ def test_stow_then_qido_then_wado_round_trip(client: TestClient) -> None:
         "00080061"]["Value"] == ["MR"]
     assert client.get("/dicomweb/studies", params={"StudyDate": "19000101-19000102"}).json() == []
     since = client.get("/dicomweb/studies", params={"StudyDate": f"{ct.StudyDate}-"}).json()
-    assert len(since) == 1
+    assert len(since) == 2  # CT_small 20040119, MR_small 20040826
+    on_day = client.get("/dicomweb/studies", params={"StudyDate": ct.StudyDate}).json()
+    assert [s["0020000D"]["Value"][0] for s in on_day] == [ct.StudyInstanceUID]
 
     url = (f"/dicomweb/studies/{ct.StudyInstanceUID}/series/{ct.SeriesInstanceUID}"
            f"/instances/{ct.SOPInstanceUID}")
