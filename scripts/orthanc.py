@@ -50,11 +50,13 @@ def ensure_installed() -> None:
 
 @contextmanager
 def running_orthanc(modalities: dict[str, tuple[str, str, int]] | None = None,
+                    dicomweb_servers: dict[str, str] | None = None,
                     ae_title: str = "ORTHANC") -> Iterator[OrthancServer]:
     """Start Orthanc with a private config and storage; yield where to reach it.
 
     ``modalities`` maps a name to (AE title, host, port): the peers Orthanc may
-    C-MOVE to.
+    C-STORE and C-MOVE to. ``dicomweb_servers`` maps a name to a DICOMweb root URL
+    Orthanc may STOW to.
     """
     if not ORTHANC_BIN.exists():
         raise RuntimeError(f"{ORTHANC_BIN} not found; install orthanc and orthanc-dicomweb")
@@ -77,7 +79,8 @@ def running_orthanc(modalities: dict[str, tuple[str, str, int]] | None = None,
         "DicomModalities": {name: list(peer) for name, peer in (modalities or {}).items()},
         "Plugins": [str(PLUGINS_DIR)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
-                     "Host": f"127.0.0.1:{http_port}", "Ssl": False},
+                     "Host": f"127.0.0.1:{http_port}", "Ssl": False,
+                     "Servers": {name: [url] for name, url in (dicomweb_servers or {}).items()}},
         "HttpTimeout": 60,
         "StableAge": 1,
     }

@@ -1,0 +1,229 @@
+"""DIMSE networking with pynetdicom: the C-STORE SCP, and C-FIND/C-MOVE/C-GET to fetch.
+
+The SCP accepts only allow-listed calling AE titles and answers C-ECHO. Every
+received instance goes through the same ``DicomStore`` as STOW-RS, so both
+paths share the duplicate, conflict and crash-safety rules.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.filewriter import dcmwrite
+from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from services.dicom_store import DicomStore, StoreResult, StoreStatus
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+
+
+def _status_for(result: StoreResult) -> int:
+    if result.status is StoreStatus.FAILED:
+        return result.code or 0xC000
+    if result.status is StoreStatus.CONFLICT:
+        return result.code or 0xB000
+    return STATUS_SUCCESS
+
+
+def encoded_instance(event: Any) -> bytes:
+    """The received dataset as Part-10 bytes, exactly as the peer encoded it."""
+    return bytes(event.encoded_dataset(include_meta=True))
+
+
+@dataclass
+class StoreSCP:
+    """A C-STORE SCP (with C-ECHO) feeding a DicomStore."""
+
+    store: DicomStore
+    ae_title: str = "CLINFUSE"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_calling_aets: list[str] = field(default_factory=list)
+    _server: ThreadedAssociationServer | None = None
+
+    def start(self) -> None:
+        ae = AE(ae_title=self.ae_title)
+        ae.supported_contexts = AllStoragePresentationContexts
+        ae.add_supported_context(Verification)
+        # An empty allow-list would let anyone in with pynetdicom's default, so keep a
+        # sentinel that no real AE title can match (AE titles are at most 16 characters).
+        ae.require_calling_aet = list(self.allowed_calling_aets) or ["\\no-peer-allowed\\"]
+        ae.maximum_pdu_size = 0
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda e: 0x0000)]
+        self._server = ae.start_server((self.host, self.port), block=False,
+                                       evt_handlers=handlers)
+        self.port = int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    def _on_store(self, event: Any) -> int:
+        try:
+            data = encoded_instance(event)
+        except Exception as exc:
+            log.warning("C-STORE: could not decode the received dataset (%s)",
+                        type(exc).__name__)
+            return 0xC000
+        result = self.store.store(data)
+        if result.status is StoreStatus.FAILED:
+            log.warning("C-STORE from %s refused: %s", event.assoc.requestor.ae_title,
+                        result.reason)
+        return _status_for(result)
+
+
+# -- fetching from a PACS ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote DICOM node."""
+
+    host: str
+    port: int
+    ae_title: str
+
+
+class DimseError(RuntimeError):
+    pass
+
+
+def _associate(ae: AE, peer: Peer, **kwargs: Any) -> Any:
+    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, **kwargs)
+    if not assoc.is_established:
+        raise DimseError(f"association with {peer.ae_title} at {peer.host}:{peer.port} "
+                         "was rejected or failed")
+    return assoc
+
+
+def find_studies(peer: Peer, patient_id: str, *, calling_aet: str = "CLINFUSE") -> list[str]:
+    """C-FIND at study level: StudyInstanceUIDs of a patient's studies."""
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+    ae.add_requested_context(PatientRootQueryRetrieveInformationModelFind)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.PatientID = patient_id
+    query.StudyInstanceUID = ""
+    assoc = _associate(ae, peer)
+    uids: list[str] = []
+    try:
+        for status, identifier in assoc.send_c_find(query,
+                                                    StudyRootQueryRetrieveInformationModelFind):
+            if status is None:
+                raise DimseError("C-FIND: the peer did not answer")
+            if status.Status in (0xFF00, 0xFF01) and identifier is not None:
+                uids.append(str(identifier.StudyInstanceUID))
+            elif status.Status not in (0x0000, 0xFF00, 0xFF01):
+                raise DimseError(f"C-FIND failed with status 0x{status.Status:04X}")
+    finally:
+        assoc.release()
+    return uids
+
+
+def move_study(peer: Peer, study_uid: str, destination_aet: str, *,
+               calling_aet: str = "CLINFUSE") -> int:
+    """C-MOVE a study to ``destination_aet``; returns the number of completed sub-operations."""
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    assoc = _associate(ae, peer)
+    completed, final = 0, None
+    try:
+        for status, _ in assoc.send_c_move(query, destination_aet,
+                                           StudyRootQueryRetrieveInformationModelMove):
+            if status is None:
+                raise DimseError("C-MOVE: the peer did not answer")
+            final = status.Status
+            completed = int(status.get("NumberOfCompletedSuboperations", completed) or completed)
+    finally:
+        assoc.release()
+    if final not in (0x0000, 0xB000):
+        raise DimseError(f"C-MOVE ended with status 0x{(final or 0):04X}")
+    return completed
+
+
+def get_study(peer: Peer, study_uid: str, store: DicomStore, *,
+              calling_aet: str = "CLINFUSE") -> list[StoreResult]:
+    """C-GET a study over one association, storing what arrives."""
+    ae = AE(ae_title=calling_aet)
+    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for context in AllStoragePresentationContexts[:120]:
+        ae.add_requested_context(context.abstract_syntax)
+        roles.append(build_role(context.abstract_syntax, scp_role=True))
+    results: list[StoreResult] = []
+    lock = threading.Lock()
+
+    def on_store(event: Any) -> int:
+        result = store.store(encoded_instance(event))
+        with lock:
+            results.append(result)
+        return _status_for(result)
+
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = study_uid
+    assoc = _associate(ae, peer, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    try:
+        for status, _ in assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet):
+            if status is None:
+                raise DimseError("C-GET: the peer did not answer")
+    finally:
+        assoc.release()
+    return results
+
+
+def send_instances(peer: Peer, payloads: Iterable[bytes], *,
+                   calling_aet: str = "CLINFUSE") -> list[int]:
+    """C-STORE Part-10 instances to a peer over one association; returns the statuses."""
+    from pydicom import dcmread
+
+    datasets = [dcmread(io.BytesIO(p)) for p in payloads]
+    ae = AE(ae_title=calling_aet)
+    for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
+        syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets})
+        ae.add_requested_context(sop_class, syntaxes)
+    assoc = _associate(ae, peer)
+    statuses: list[int] = []
+    try:
+        for ds in datasets:
+            status = assoc.send_c_store(ds)
+            statuses.append(int(status.Status) if status else -1)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def fetch_dicomweb(url: str, patient_id: str, store: DicomStore) -> list[StoreResult]:
+    """Retrieve a patient's studies from a DICOMweb server (QIDO then WADO) into the store."""
+    from dicomweb_client.api import DICOMwebClient
+
+    client = DICOMwebClient(url=url)
+    results: list[StoreResult] = []
+    for study in client.search_for_studies(search_filters={"PatientID": patient_id}):
+        study_uid = study["0020000D"]["Value"][0]
+        for ds in client.retrieve_study(study_uid):
+            buffer = io.BytesIO()
+            dcmwrite(buffer, ds, enforce_file_format=True)
+            results.append(store.store(buffer.getvalue()))
+    return results
