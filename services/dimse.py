@@ -65,10 +65,12 @@ class StoreSCP:
         # sentinel that no real AE title can match (AE titles are at most 16 characters).
         ae.require_calling_aet = list(self.allowed_calling_aets) or ["\\no-peer-allowed\\"]
         ae.maximum_pdu_size = 0
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_C_ECHO, lambda e: 0x0000)]
-        self._server = ae.start_server((self.host, self.port), block=False,
-                                       evt_handlers=handlers)
-        self.port = int(self._server.server_address[1])
+        handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store),
+                                (evt.EVT_C_ECHO, lambda e: 0x0000)]
+        server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        assert server is not None  # block=False always returns the server
+        self._server = server
+        self.port = int(server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:
@@ -168,9 +170,11 @@ def get_study(peer: Peer, study_uid: str, store: DicomStore, *,
     ae = AE(ae_title=calling_aet)
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
     roles = []
+    # One association carries at most 128 presentation contexts, one of them the C-GET model.
     for context in AllStoragePresentationContexts[:120]:
-        ae.add_requested_context(context.abstract_syntax)
-        roles.append(build_role(context.abstract_syntax, scp_role=True))
+        syntax = str(context.abstract_syntax)
+        ae.add_requested_context(syntax)
+        roles.append(build_role(syntax, scp_role=True))
     results: list[StoreResult] = []
     lock = threading.Lock()
 
