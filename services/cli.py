@@ -56,6 +56,47 @@ def _db_upgrade(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from services.app import create_app
+    from services.core.config import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port,
+                                   "database_url": args.database_url}.items() if v is not None}
+    if args.dicom_port is not None:
+        overrides |= {"dicom_scp_enabled": True, "dicom_port": args.dicom_port}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                log_level=settings.log_level.lower())
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    from services.core.config import Settings
+    from services.db import make_engine, migrate, session_factory
+    from services.dicom_store import DicomStore
+    from services.dimse import Peer, fetch_dicomweb, find_studies, move_study
+
+    settings = Settings()
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    store = DicomStore(settings.dicom_storage_dir, session_factory(engine))
+    if args.dicomweb:
+        results = fetch_dicomweb(args.dicomweb, args.patient, store)
+        failed = [r for r in results if not r.ok]
+        sys.stderr.write(f"{len(results) - len(failed)} instance(s) stored, "
+                         f"{len(failed)} failed\n")
+        return 1 if failed else 0
+    host, port, aet = args.dimse.rsplit(":", 2)
+    peer = Peer(host, int(port), aet)
+    studies = find_studies(peer, args.patient, calling_aet=settings.dicom_ae_title)
+    for study in studies:
+        move_study(peer, study, settings.dicom_ae_title, calling_aet=settings.dicom_ae_title)
+    sys.stderr.write(f"{len(studies)} study(ies) moved to {settings.dicom_ae_title}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -87,6 +128,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=_positive_int, default=300)
     p.add_argument("--seed", type=int, default=7)
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("serve", help="run the API (DICOMweb today) and, with --dicom-port, "
+                                     "the C-STORE SCP")
+    p.add_argument("--host", default=None)
+    p.add_argument("--port", type=int, default=None)
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--dicom-port", type=int, default=None,
+                   help="start the C-STORE SCP on this port (allowed AEs: "
+                        "CLINFUSE_DICOM_ALLOWED_AETS)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("fetch", help="retrieve a patient's studies from a PACS into the store")
+    p.add_argument("--patient", required=True, help="PatientID in the PACS")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dicomweb", metavar="URL", help="DICOMweb root (QIDO + WADO)")
+    source.add_argument("--dimse", metavar="HOST:PORT:AET",
+                        help="C-FIND then C-MOVE to this service's SCP")
+    p.set_defaults(func=_fetch)
 
     p = sub.add_parser("db-upgrade", help="create or migrate the database schema")
     p.add_argument("--database-url", default=None)

@@ -25,7 +25,8 @@ class Settings(BaseSettings):
     public_base_url: str | None = None
     #: Largest accepted request body (STOW-RS, FHIR, HL7 over HTTP); larger ones get 413.
     max_upload_bytes: int = 512 * 1024 * 1024
-    #: DIMSE C-STORE SCP.
+    #: DIMSE C-STORE SCP, started with the service when enabled.
+    dicom_scp_enabled: bool = False
     dicom_ae_title: str = "CLINFUSE"
     dicom_port: int = 11112
     #: Calling AE titles allowed to associate; empty means none is allowed.
