@@ -28,6 +28,9 @@ def make_engine(url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA journal_mode=WAL")
+            # In WAL mode NORMAL keeps the database consistent across crashes; only the last
+            # commits may roll back on power loss, and file bytes are synced separately.
+            cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.close()
 
         return engine

@@ -9,13 +9,15 @@ with different bytes, the first is kept and the caller is warned.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 import io
 import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -181,68 +183,103 @@ class DicomStore:
 
     def store(self, data: bytes) -> StoreResult:
         """Store one Part-10 instance. Never raises for bad input: it returns FAILED."""
+        return self.store_many([data])[0]
+
+    def store_many(self, payloads: Sequence[bytes]) -> list[StoreResult]:
+        """Store Part-10 instances, one result each, in input order.
+
+        Files are written first and made durable with one filesystem sync; the
+        index rows of the good instances are then committed in one transaction.
+        """
+        results: list[StoreResult | None] = [None] * len(payloads)
+        pending: dict[str, tuple[int, str, bytes, Dataset]] = {}
+        for i, data in enumerate(payloads):
+            try:
+                ds = parse_instance(data)
+            except InstanceError as exc:
+                results[i] = StoreResult(StoreStatus.FAILED, _uid(exc.dataset, "SOPInstanceUID"),
+                                         _uid(exc.dataset, "SOPClassUID"), reason=exc.reason,
+                                         code=exc.code)
+                continue
+            uid = str(ds.SOPInstanceUID)
+            sha = hashlib.sha256(data).hexdigest()
+            if uid in pending:  # the same UID twice in one batch: the first one wins
+                results[i] = self._repeat(pending[uid][1], sha, _identity(ds))
+                continue
+            pending[uid] = (i, sha, data, ds)
+        if pending:
+            with self.sessions() as session:
+                query = select(DicomInstanceRow.SOPInstanceUID, DicomInstanceRow.sha256).where(
+                    DicomInstanceRow.SOPInstanceUID.in_(list(pending)))
+                known = {uid: sha for uid, sha in session.execute(query).all()}
+            for uid, first_sha in known.items():
+                i, sha, _, ds = pending.pop(uid)
+                results[i] = self._repeat(first_sha, sha, _identity(ds))
+        self._commit_new(pending, results)
+        return [r for r in results if r is not None]
+
+    def _commit_new(self, pending: dict[str, tuple[int, str, bytes, Dataset]],
+                    results: list[StoreResult | None]) -> None:
+        if not pending:
+            return
         try:
-            ds = parse_instance(data)
-        except InstanceError as exc:
-            return StoreResult(StoreStatus.FAILED, _uid(exc.dataset, "SOPInstanceUID"),
-                               _uid(exc.dataset, "SOPClassUID"), reason=exc.reason,
-                               code=exc.code)
-        sha = hashlib.sha256(data).hexdigest()
-        identity: dict[str, Any] = {k: str(ds[k].value) for k in REQUIRED_KEYWORDS}
-        with self.sessions() as session:
-            existing = session.get(DicomInstanceRow, identity["SOPInstanceUID"])
-        if existing is not None:
-            return self._repeat(existing, sha, identity)
-        try:
-            self._write_file(sha, data)
+            written = [self._write_file(sha, data) for _, sha, data, _ in pending.values()]
+            _sync_files([p for p in written if p is not None], self.root)
         except OSError as exc:
             log.error("DICOM store write failed: %s", type(exc).__name__)
-            return StoreResult(StoreStatus.FAILED, **identity, reason="storage write failed",
-                               code=FAILURE_OUT_OF_RESOURCES)
-        row = DicomInstanceRow(
-            **identity,
+            for i, _, _, ds in pending.values():
+                results[i] = StoreResult(StoreStatus.FAILED, **_identity(ds),
+                                         reason="storage write failed",
+                                         code=FAILURE_OUT_OF_RESOURCES)
+            return
+        rows = [self._row(ds, sha, len(data)) for _, sha, data, ds in pending.values()]
+        try:
+            with self.sessions.begin() as session:
+                session.add_all(rows)
+        except IntegrityError:
+            # Another writer indexed some of these UIDs meanwhile: settle them one by one.
+            for i, _, data, _ in pending.values():
+                results[i] = self.store(data)
+            return
+        for i, _, _, ds in pending.values():
+            results[i] = StoreResult(StoreStatus.STORED, **_identity(ds))
+
+    @staticmethod
+    def _row(ds: Dataset, sha: str, size: int) -> DicomInstanceRow:
+        return DicomInstanceRow(
+            **_identity(ds),
             PatientID=_str_or_none(ds.get("PatientID")),
             IssuerOfPatientID=_str_or_none(ds.get("IssuerOfPatientID")),
             Modality=_str_or_none(ds.get("Modality")),
             StudyDate=_str_or_none(ds.get("StudyDate")),
             InstanceNumber=_int_or_none(ds.get("InstanceNumber")),
             TransferSyntaxUID=_str_or_none(ds.file_meta.get("TransferSyntaxUID")),
-            sha256=sha, size=len(data), attributes=qido_attributes(ds),
+            sha256=sha, size=size, attributes=qido_attributes(ds),
         )
-        try:
-            with self.sessions.begin() as session:
-                session.add(row)
-        except IntegrityError:
-            # Another writer indexed the same UID between our check and insert.
-            with self.sessions() as session:
-                existing = session.get(DicomInstanceRow, identity["SOPInstanceUID"])
-            assert existing is not None
-            return self._repeat(existing, sha, identity)
-        return StoreResult(StoreStatus.STORED, **identity)
 
-    def _repeat(self, existing: DicomInstanceRow, sha: str, identity: dict[str, Any]
-                ) -> StoreResult:
-        if existing.sha256 == sha:
+    @staticmethod
+    def _repeat(first_sha: str, sha: str, identity: dict[str, Any]) -> StoreResult:
+        if first_sha == sha:
             return StoreResult(StoreStatus.DUPLICATE, **identity)
         return StoreResult(StoreStatus.CONFLICT, **identity, code=WARNING_COERCION,
                            reason="SOPInstanceUID already stored with different content; "
                                   "the first instance was kept")
 
-    def _write_file(self, sha: str, data: bytes) -> None:
+    def _write_file(self, sha: str, data: bytes) -> Path | None:
+        """Write through a temporary name; the rename is atomic. None if already there."""
         target = self.path_for(sha)
-        if target.exists():
-            return
+        if target.exists() and target.stat().st_size == len(data):
+            return None
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        return target
 
     # -- reading -----------------------------------------------------------------------
 
@@ -265,6 +302,44 @@ class DicomStore:
     def iter_bytes(self, rows: Iterable[DicomInstanceRow]) -> Iterator[bytes]:
         for row in rows:
             yield self.read_bytes(row)
+
+
+def _identity(ds: Dataset) -> dict[str, Any]:
+    return {k: str(ds[k].value) for k in REQUIRED_KEYWORDS}
+
+
+def _sync_files(paths: list[Path], root: Path) -> None:
+    """Make new files durable before they are indexed.
+
+    On Linux one syncfs(2) of the store's filesystem replaces an fsync per file,
+    which dominated ingest time; elsewhere each file is fsynced.
+    """
+    if not paths:
+        return
+    if _syncfs is not None:
+        fd = os.open(root, os.O_RDONLY)
+        try:
+            if _syncfs(fd) == 0:
+                return
+        finally:
+            os.close(fd)
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _load_syncfs() -> Any:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.syncfs
+    except (OSError, AttributeError):
+        return None
+
+
+_syncfs = _load_syncfs()
 
 
 def _uid(ds: Dataset | None, keyword: str) -> str | None:

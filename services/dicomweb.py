@@ -147,35 +147,39 @@ def stow(store: DicomStore, content_type: str, body: bytes, *, base_url: str,
     parts = split_multipart(body, boundary)
     if not parts:
         raise MultipartError("the multipart body holds no parts")
-    results: list[StoreResult] = []
-    for index, part in enumerate(parts, start=1):
+    results: list[StoreResult | None] = [None] * len(parts)
+    accepted: list[int] = []
+    for index, part in enumerate(parts):
         if part.content_type not in ("", DICOM_TYPE):
-            results.append(StoreResult(StoreStatus.FAILED, reason=f"part {index} is "
-                                       f"{part.content_type}, not {DICOM_TYPE}",
-                                       code=0xC000))
-            continue
-        if study_uid is not None:
-            result = _store_into_study(store, part.body, study_uid)
+            results[index] = StoreResult(StoreStatus.FAILED, reason=f"{part.content_type} is "
+                                         f"not {DICOM_TYPE}", code=0xC000)
+        elif study_uid is not None and (refusal := _other_study(part.body, study_uid)):
+            results[index] = refusal
         else:
-            result = store.store(part.body)
-        if result.status is StoreStatus.FAILED and result.reason:
-            result = StoreResult(**{**result.__dict__, "reason": f"part {index}: {result.reason}"})
-        results.append(result)
-    return _stow_response(results, base_url)
+            accepted.append(index)
+    for index, result in zip(accepted, store.store_many([parts[i].body for i in accepted]),
+                             strict=True):
+        results[index] = result
+    final = [r for r in results if r is not None]
+    final = [StoreResult(**{**r.__dict__, "reason": f"part {i}: {r.reason}"})
+             if r.status is StoreStatus.FAILED and r.reason else r
+             for i, r in enumerate(final, start=1)]
+    return _stow_response(final, base_url)
 
 
-def _store_into_study(store: DicomStore, data: bytes, study_uid: str) -> StoreResult:
+def _other_study(data: bytes, study_uid: str) -> StoreResult | None:
+    """A failure when the instance belongs to another study than the URL names."""
     try:
         ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-        actual = str(ds.get("StudyInstanceUID", ""))
     except Exception:
-        actual = None
-    if actual is not None and actual and actual != study_uid:
-        return StoreResult(StoreStatus.FAILED, str(ds.get("SOPInstanceUID", "")) or None,
-                           str(ds.get("SOPClassUID", "")) or None,
-                           reason="StudyInstanceUID differs from the study in the URL",
-                           code=FAILURE_DATASET_MISMATCH)
-    return store.store(data)
+        return None  # the store reports why it can't be read
+    actual = str(ds.get("StudyInstanceUID", ""))
+    if not actual or actual == study_uid:
+        return None
+    return StoreResult(StoreStatus.FAILED, str(ds.get("SOPInstanceUID", "")) or None,
+                       str(ds.get("SOPClassUID", "")) or None,
+                       reason="StudyInstanceUID differs from the study in the URL",
+                       code=FAILURE_DATASET_MISMATCH)
 
 
 def _stow_response(results: list[StoreResult], base_url: str) -> tuple[int, dict[str, Any]]:
