@@ -97,6 +97,25 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dicom2nifti(args: argparse.Namespace) -> int:
+    from pipelines.imaging.convert import main_dicom2nifti
+
+    return main_dicom2nifti(Path(args.src), Path(args.out), resample=args.resample)
+
+
+def _series(args: argparse.Namespace) -> int:
+    from pipelines.imaging.selection import main_series
+
+    return main_series(Path(args.src), Path(args.rules) if args.rules else None)
+
+
+def _deid(args: argparse.Namespace) -> int:
+    from pipelines.imaging.deid import main_deid
+
+    return main_deid(Path(args.src), Path(args.dst), args.salt,
+                     on_burned_in="flag" if args.flag_burned_in else "refuse")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -122,6 +141,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_synth)
+
+    p = sub.add_parser("dicom2nifti", help="write the volume the loader sees as NIfTI")
+    p.add_argument("src", help="DICOM file, series folder, DICOMDIR or zip; or NIfTI/PNG/JPEG")
+    p.add_argument("out", help="output .nii or .nii.gz")
+    p.add_argument("--resample", action="store_true",
+                   help="correct gantry tilt and uneven slice spacing instead of refusing")
+    p.set_defaults(func=_dicom2nifti)
+
+    p = sub.add_parser("series", help="list the DICOM series found and the selection rules "
+                                      "each matches")
+    p.add_argument("src")
+    p.add_argument("--rules", default=None, help="YAML selection rules (or a model config)")
+    p.set_defaults(func=_series)
+
+    p = sub.add_parser("deid", help="de-identify DICOM (PS3.15 Basic Application Level "
+                                    "Confidentiality Profile)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--salt", default=None,
+                   help="secret that makes UID remapping repeatable across runs")
+    p.add_argument("--flag-burned-in", action="store_true",
+                   help="de-identify images declaring burned-in annotation and flag them, "
+                        "instead of refusing them")
+    p.set_defaults(func=_deid)
 
     p = sub.add_parser("demo", help="run the demo: synthetic cohort, ingest, features")
     p.add_argument("--out", default="demo-data")

@@ -2,8 +2,8 @@
 
 Array axes follow NIfTI/nibabel: ``(i, j, k[, t])`` = (columns, rows, slices[, time]),
 and ``affine`` maps voxel indices to RAS+ millimetres, as dcm2niix and
-dicom2nifti write them, so ``nibabel.Nifti1Image(volume.array, volume.affine)``
-is the NIfTI a user would compare with.
+dicom2nifti write them. Colour images add a trailing RGB axis, flagged by
+``metadata["ColorChannels"] == 3``; ``to_nifti`` writes those as NIfTI RGB24.
 """
 
 from __future__ import annotations
@@ -47,8 +47,12 @@ class Volume:
         """Voxel size in mm along i, j, k."""
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
-    def to_nifti(self):  # type: ignore[no-untyped-def]
-        """A nibabel Nifti1Image of this volume."""
-        import nibabel as nib
+    @property
+    def is_color(self) -> bool:
+        return self.metadata.get("ColorChannels") == 3
 
-        return nib.Nifti1Image(self.array, self.affine)
+    def to_nifti(self):  # type: ignore[no-untyped-def]
+        """A nibabel Nifti1Image of this volume (RGB24 for colour)."""
+        from pipelines.imaging.convert import volume_to_nifti
+
+        return volume_to_nifti(self)

@@ -1,0 +1,112 @@
+"""Any supported image source to a Volume, and DICOM -> NIfTI for ``clinfuse dicom2nifti``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import TextIO
+
+import nibabel as nib
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pipelines.imaging.dicom_series import load_dicom_series, series_to_volume
+from pipelines.imaging.discovery import discover
+from pipelines.imaging.mosaic import is_mosaic
+from pipelines.imaging.nifti import load_nifti
+from pipelines.imaging.planar import RASTER_SUFFIXES, is_planar, load_raster, planar_dicom_to_volume
+from pipelines.imaging.volume import ImageError, Volume
+
+__all__ = ["dicom_to_nifti", "load_image", "main_dicom2nifti", "volume_to_nifti"]
+
+_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
+
+
+def load_image(src: Path, *, resample: bool = False, min_slices: int = 3) -> Volume:
+    """Load a NIfTI/Analyze file, a PNG/JPEG, or a DICOM series (folder, DICOMDIR, zip, file).
+
+    A DICOM source holding one single-frame image without patient geometry, or a CR/DX
+    radiograph, becomes a 2-D volume; everything else must assemble into a 3-D/4-D volume.
+
+    Raises
+    ------
+    ImageError
+        Whatever made the source unusable, naming the file.
+    """
+    src = Path(src)
+    name = src.name.lower()
+    if src.is_file() and name.endswith(_NIFTI_SUFFIXES):
+        return load_nifti(src)
+    if src.is_file() and name.endswith(RASTER_SUFFIXES):
+        return load_raster(src)
+    found = discover(src)
+    if len(found.series) == 1:
+        instances = next(iter(found.series.values()))
+        if len(instances) == 1 and (is_planar(instances[0].dataset) or (
+                _single_frame(instances[0].dataset) and not is_mosaic(instances[0].dataset))):
+            # One single-frame file is a 2-D image, whatever geometry it carries.
+            return planar_dicom_to_volume(instances[0].dataset, instances[0].source)
+        return series_to_volume(instances, min_slices=min_slices, resample=resample,
+                                source=str(src))
+    return load_dicom_series(src, min_slices=min_slices, resample=resample)
+
+
+def _single_frame(ds: Dataset) -> bool:
+    return str(ds.get("NumberOfFrames", "1") or "1").strip() in ("", "1") and \
+        "PerFrameFunctionalGroupsSequence" not in ds
+
+
+def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
+    """A NIfTI-1 image of the volume; RGB volumes are written as NIfTI RGB24."""
+    array = volume.array
+    if volume.metadata.get("ColorChannels"):
+        rgb = np.ascontiguousarray(array.astype(np.uint8))
+        array = rgb.view(np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))[..., 0]
+    image = nib.Nifti1Image(array, volume.affine)
+    image.header.set_xyzt_units("mm", "sec")
+    image.set_sform(volume.affine, code=1)
+    image.set_qform(volume.affine, code=1)
+    return image
+
+
+def dicom_to_nifti(src: Path, out: Path, *, resample: bool = False) -> Volume:
+    """Convert the one DICOM series under ``src`` to the NIfTI file ``out``.
+
+    Parameters
+    ----------
+    src : Path
+        Folder, DICOMDIR, zip archive or single file holding exactly one series.
+    out : Path
+        Output ``.nii`` or ``.nii.gz``.
+    resample : bool, default False
+        Resample gantry tilt and uneven spacing instead of refusing them.
+
+    Raises
+    ------
+    ImageError
+        The source is not one valid series, or ``out`` cannot be written.
+    """
+    out = Path(out)
+    if not out.name.lower().endswith((".nii", ".nii.gz")):
+        raise ImageError("output must end in .nii or .nii.gz", source=str(out))
+    volume = load_image(Path(src), resample=resample)
+    if Path(src).is_file() and Path(src).name.lower().endswith(_NIFTI_SUFFIXES):
+        raise ImageError("source is already NIfTI, not DICOM", source=str(src))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(volume_to_nifti(volume), out)
+    except OSError as exc:
+        raise ImageError(f"cannot write NIfTI: {exc}", source=str(out)) from exc
+    return volume
+
+
+def main_dicom2nifti(src: Path, out: Path, resample: bool = False,
+                     stderr: TextIO | None = None) -> int:
+    """CLI body: 0 on success; on an ImageError write the reason (no traceback), return 1."""
+    stream = stderr if stderr is not None else sys.stderr
+    try:
+        dicom_to_nifti(Path(src), Path(out), resample=resample)
+    except ImageError as exc:
+        stream.write(f"dicom2nifti: {exc}\n")
+        return 1
+    return 0

@@ -1,0 +1,146 @@
+"""DICOM pixel decoding with licence-compatible codecs, and the modality value transform.
+
+Decoding goes through pydicom's pixel backends (numpy, its own RLE, pylibjpeg-openjpeg,
+pyjpegls, Pillow). pylibjpeg-libjpeg is GPL-3.0 and is never required: transfer syntaxes
+that only it (or GDCM) can decode are refused with an :class:`ImageError` that names the
+transfer syntax and the opt-in extra.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    UID,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+)
+
+from pipelines.imaging.volume import ImageError
+
+__all__ = [
+    "GPL_EXTRA", "decode_pixels", "invert_monochrome1", "modality_values", "transfer_syntax",
+]
+
+#: The optional extra that brings the GPL JPEG decoder (pylibjpeg-libjpeg).
+GPL_EXTRA = "clinfuse[gpl-codecs]"
+
+# Transfer syntaxes whose only decoders are pylibjpeg-libjpeg (GPL-3.0) or GDCM; Pillow
+# handles JPEG baseline and 8-bit JPEG extended, but not 12-bit samples or process 14.
+_NEEDS_LIBJPEG = {JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1}
+
+
+def transfer_syntax(ds: Dataset, source: str) -> UID:
+    """The dataset's transfer syntax; refuse a Part-10 file whose meta lacks one.
+
+    Files without any File Meta (read with ``force=True``) get the encoding pydicom
+    detected, since a raw dataset is only ever uncompressed.
+    """
+    meta = getattr(ds, "file_meta", None)
+    ts = meta.get("TransferSyntaxUID") if meta is not None else None
+    if ts:
+        return UID(ts)
+    if meta is not None and len(meta) > 0:
+        raise ImageError(
+            "the File Meta Information has no (0002,0010) TransferSyntaxUID, so the pixel "
+            "encoding is unknown", source=source)
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        raise ImageError("no File Meta and the encoding could not be detected", source=source)
+    if little:
+        return UID("1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1")
+    return UID("1.2.840.10008.1.2.2")
+
+
+def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
+    """Stored pixel values, frames first: ``(frames, rows, cols[, samples])``.
+
+    Colour data come back as RGB (YBR is converted by pydicom); palette colour is
+    expanded through its lookup table.
+
+    Raises
+    ------
+    ImageError
+        No pixel data, an undecodable transfer syntax, or truncated/corrupt pixel data.
+    """
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise ImageError(
+            f"no pixel data (Modality {ds.get('Modality', 'unknown')}, "
+            f"SOPClassUID {ds.get('SOPClassUID', 'unknown')})", source=source)
+    ts = transfer_syntax(ds, source)
+    if ds.file_meta.get("TransferSyntaxUID") is None:
+        # Raw datasets read with force=True: pydicom needs the syntax in the meta to decode.
+        ds.file_meta.TransferSyntaxUID = ts
+    if ts in _NEEDS_LIBJPEG:
+        raise ImageError(
+            f"transfer syntax {ts} ({ts.name}) can only be decoded by pylibjpeg-libjpeg "
+            f"(GPL-3.0, optional extra {GPL_EXTRA}) or GDCM, and neither is installed",
+            source=source)
+    try:
+        arr = ds.pixel_array
+    except NotImplementedError as exc:
+        raise ImageError(f"unsupported transfer syntax {ts} ({ts.name}): {exc}",
+                         source=source) from exc
+    except RuntimeError as exc:
+        # pydicom raises RuntimeError when no installed plugin can decode the syntax.
+        first = str(exc).splitlines()[0]
+        raise ImageError(f"cannot decode transfer syntax {ts} ({ts.name}): {first}",
+                         source=source) from exc
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        # Truncated pixel data, wrong VR or unparsable group-0028 values end up here.
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ImageError(f"corrupt pixel data or image attributes: {first}",
+                         source=source) from exc
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
+    if photometric == "PALETTE COLOR":
+        from pydicom.pixels import apply_color_lut
+
+        try:
+            arr = apply_color_lut(arr, ds)
+        except Exception as exc:  # a broken LUT is a broken file, whatever raised
+            raise ImageError(f"palette colour lookup failed: {exc}", source=source) from exc
+    frames = _number_of_frames(ds, source)
+    samples = 3 if photometric == "PALETTE COLOR" else int(ds.get("SamplesPerPixel", 1))
+    if frames == 1 and arr.ndim == (3 if samples > 1 else 2):
+        arr = arr[np.newaxis]
+    # Big-endian buffers are viewed as-is by pydicom; make them native for everything after.
+    return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+
+
+def _number_of_frames(ds: Dataset, source: str) -> int:
+    value = ds.get("NumberOfFrames", 1)
+    try:
+        frames = int(value) if value not in (None, "") else 1
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"NumberOfFrames is {value!r}, not an integer (wrong VR or value)",
+                         source=source) from exc
+    if frames < 1:
+        raise ImageError(f"NumberOfFrames is {frames}", source=source)
+    return frames
+
+
+def modality_values(stored: np.ndarray, slope: float, intercept: float) -> np.ndarray:
+    """Apply RescaleSlope/Intercept; float32, exact for integer results.
+
+    float32 holds every integer up to 2**24 exactly, so 16-bit data with slope 1 and an
+    integral intercept keep exact values; wider integers fall back to float64.
+    """
+    if slope == 1.0 and float(intercept).is_integer():
+        out64 = stored.astype(np.float64) + intercept
+        exact = out64.size == 0 or float(np.abs(out64).max()) <= 2**24
+        return out64.astype(np.float32) if exact else out64
+    return (stored.astype(np.float64) * slope + intercept).astype(np.float32)
+
+
+def invert_monochrome1(values: np.ndarray, *, bits_stored: int, signed: bool,
+                       slope: float, intercept: float) -> np.ndarray:
+    """Flip MONOCHROME1 (white = low) to MONOCHROME2 about the stored range's midpoint.
+
+    Inverting about the possible range, not the observed min/max, keeps the mapping the
+    same for every image of a series.
+    """
+    lo, hi = (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1) if signed else (
+        0, 2**bits_stored - 1)
+    lo_v, hi_v = sorted((lo * slope + intercept, hi * slope + intercept))
+    return (lo_v + hi_v - values.astype(np.float64)).astype(values.dtype)

@@ -1,0 +1,203 @@
+"""Find DICOM series in a folder, a DICOMDIR or a zip archive, grouped by SeriesInstanceUID.
+
+Files are read as Part-10 first. A file without the 128-byte preamble and File Meta is
+read again with ``force=True`` and kept only if what comes out looks like a DICOM
+dataset; anything else (PNG, text, truncated headers) is reported, never raised.
+"""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from pipelines.imaging.decode import transfer_syntax
+from pipelines.imaging.volume import ImageError
+
+__all__ = ["DicomInstance", "Discovery", "Rejected", "discover", "read_dicom"]
+
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Attributes that a real dataset without File Meta still carries at least one of; garbage
+# bytes forced through the parser essentially never produce these tags.
+_IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+                "Modality", "PixelData")
+
+
+@dataclass
+class DicomInstance:
+    """One DICOM file: where it came from (path, or ``archive.zip!member``) and its dataset."""
+
+    source: str
+    dataset: Dataset
+
+
+@dataclass
+class Rejected:
+    """A file that is not a usable DICOM image, with the reason."""
+
+    source: str
+    reason: str
+
+
+@dataclass
+class Discovery:
+    """Series found under a source, keyed by SeriesInstanceUID, plus what was rejected."""
+
+    series: dict[str, list[DicomInstance]] = field(default_factory=dict)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def describe(self) -> str:
+        """One line per series: UID, file count and the first file."""
+        return "; ".join(f"{uid} ({len(items)} files, e.g. {items[0].source})"
+                         for uid, items in self.series.items())
+
+
+def read_dicom(data: Path | bytes, source: str | None = None) -> Dataset:
+    """Read one DICOM file, allowing files without File Meta only if they parse as DICOM.
+
+    Parameters
+    ----------
+    data : Path or bytes
+        The file, or its bytes (a zip member).
+    source : str, optional
+        Name used in errors; defaults to the path.
+
+    Raises
+    ------
+    ImageError
+        The bytes are not DICOM, or the header cannot be parsed.
+    """
+    name = source if source is not None else str(data)
+
+    def _open() -> io.BytesIO | str:
+        return io.BytesIO(data) if isinstance(data, bytes) else str(data)
+
+    try:
+        return pydicom.dcmread(_open())
+    except InvalidDicomError:
+        pass  # no preamble/'DICM': maybe a raw dataset, tried below with force=True
+    except FileNotFoundError as exc:
+        raise ImageError("file not found", source=name) from exc
+    except Exception as exc:  # pydicom raises many types on corrupt headers
+        raise ImageError(f"unreadable DICOM header: {_first_line(exc)}", source=name) from exc
+    try:
+        ds = pydicom.dcmread(_open(), force=True)
+        # Touch every element: garbage bytes often fail only when values are converted.
+        for elem in ds:
+            _ = elem.value
+    except Exception as exc:
+        raise ImageError(f"not DICOM (no Part-10 header and it does not parse as a "
+                         f"dataset: {_first_line(exc)})", source=name) from exc
+    if len(ds) == 0 or not any(k in ds for k in _IDENTIFYING) or not _plausible_tags(ds):
+        raise ImageError("not DICOM (no Part-10 header, and forcing it yields no "
+                         "identifying DICOM attributes)", source=name)
+    return ds
+
+
+def _plausible_tags(ds: Dataset) -> bool:
+    # A raw dataset starts at group 0x0008 (or the 0x0000 command group); forced garbage
+    # usually yields huge odd groups first.
+    first = next(iter(ds.keys()))
+    return first.group in (0x0000, 0x0002, 0x0008)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def discover(src: Path) -> Discovery:
+    """Find image series in a folder (recursive), a DICOMDIR, a zip archive or one file.
+
+    Non-image DICOM objects (SR, RT plans), non-DICOM files and unreadable files are listed
+    in ``rejected`` with a reason. Instances keep their order of discovery; ordering in
+    space is the assembler's job.
+
+    Raises
+    ------
+    ImageError
+        ``src`` does not exist, or is a corrupt zip or DICOMDIR.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise ImageError("no such file or folder", source=str(src))
+    found = Discovery()
+    for source, data in _candidates(src):
+        try:
+            ds = read_dicom(data, source)
+        except ImageError as exc:
+            found.rejected.append(Rejected(source, exc.reason))
+            continue
+        if ds.file_meta.get("MediaStorageSOPClassUID") == _MEDIA_STORAGE_DIRECTORY or \
+                "DirectoryRecordSequence" in ds:
+            continue  # a DICOMDIR inside a folder: its files are walked anyway
+        if "PixelData" not in ds and "FloatPixelData" not in ds and \
+                "DoubleFloatPixelData" not in ds:
+            found.rejected.append(Rejected(
+                source, f"no pixel data (Modality {ds.get('Modality', 'unknown')})"))
+            continue
+        try:
+            transfer_syntax(ds, source)
+        except ImageError as exc:
+            found.rejected.append(Rejected(source, exc.reason))
+            continue
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            found.rejected.append(Rejected(source, "no SeriesInstanceUID"))
+            continue
+        found.series.setdefault(uid, []).append(DicomInstance(source, ds))
+    return found
+
+
+def _candidates(src: Path) -> Iterator[tuple[str, Path | bytes]]:
+    if src.is_dir():
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            if path.name.startswith("."):
+                continue  # editor and OS droppings, never DICOM
+            if zipfile.is_zipfile(path):
+                yield from _zip_members(path)
+            else:
+                yield str(path), path
+    elif zipfile.is_zipfile(src):
+        yield from _zip_members(src)
+    elif src.name.upper().startswith("DICOMDIR"):
+        yield from _dicomdir_files(src)
+    else:
+        yield str(src), src
+
+
+def _zip_members(path: Path) -> Iterator[tuple[str, bytes]]:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.is_dir() or Path(info.filename).name.startswith("."):
+                    continue
+                yield f"{path}!{info.filename}", archive.read(info)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise ImageError(f"corrupt zip archive: {exc}", source=str(path)) from exc
+
+
+def _dicomdir_files(path: Path) -> Iterator[tuple[str, Path]]:
+    ds = read_dicom(path)
+    records = ds.get("DirectoryRecordSequence")
+    if records is None:
+        raise ImageError("not a DICOMDIR: no DirectoryRecordSequence", source=str(path))
+    root = path.parent
+    for record in records:
+        file_id = record.get("ReferencedFileID")
+        if not file_id:
+            continue  # PATIENT/STUDY/SERIES records carry no file
+        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        target = root.joinpath(*parts)
+        if not target.exists():
+            # Media file IDs are upper-case by rule; real trees are not always.
+            matches = [p for p in root.rglob("*")
+                       if p.relative_to(root).as_posix().upper() == "/".join(parts).upper()]
+            target = matches[0] if matches else target
+        yield str(target), target

@@ -1,0 +1,89 @@
+"""Enhanced multi-frame objects: one :class:`Frame` per frame from the functional groups.
+
+Each frame's PlanePositionSequence, PlaneOrientationSequence, PixelMeasuresSequence and
+PixelValueTransformationSequence come from the per-frame group, falling back to the shared
+group (PS3.3 C.7.6.16: an attribute lives in exactly one of the two).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from pipelines.imaging.frames import Frame, FrameLoader, float_list, image_attributes
+from pipelines.imaging.volume import ImageError
+
+__all__ = ["enhanced_frames", "is_enhanced"]
+
+
+def is_enhanced(ds: Dataset) -> bool:
+    """True for objects whose geometry lives in per-frame functional groups."""
+    return "PerFrameFunctionalGroupsSequence" in ds
+
+
+def _macro(per_frame: Dataset, shared: Dataset | None, keyword: str) -> Dataset | None:
+    for group in (per_frame, shared):
+        if group is not None and keyword in group and len(group[keyword].value) > 0:
+            item: Dataset = group[keyword].value[0]
+            return item
+    return None
+
+
+def _value(item: Dataset | None, keyword: str, default: Any = None) -> Any:
+    return item.get(keyword, default) if item is not None else default
+
+
+def enhanced_frames(ds: Dataset, source: str, loader: FrameLoader) -> list[Frame]:
+    """Frames of an enhanced multi-frame image, each with its own geometry and rescale."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    shared_seq = ds.get("SharedFunctionalGroupsSequence")
+    shared = shared_seq[0] if shared_seq else None
+    try:
+        n_frames = int(ds.get("NumberOfFrames", len(per_frame)))
+    except (TypeError, ValueError) as exc:
+        raise ImageError(f"NumberOfFrames is {ds.get('NumberOfFrames')!r}, not an integer",
+                         source=source) from exc
+    if n_frames != len(per_frame):
+        raise ImageError(f"NumberOfFrames is {n_frames} but there are {len(per_frame)} "
+                         "per-frame functional groups", source=source)
+    attributes = image_attributes(ds, source)
+    frames = []
+    for index, group in enumerate(per_frame):
+        where = f"{source} frame {index + 1}"
+        position = _value(_macro(group, shared, "PlanePositionSequence"),
+                          "ImagePositionPatient")
+        orientation = _value(_macro(group, shared, "PlaneOrientationSequence"),
+                             "ImageOrientationPatient")
+        measures = _macro(group, shared, "PixelMeasuresSequence")
+        spacing = _value(measures, "PixelSpacing")
+        if position is None or orientation is None or spacing is None:
+            raise ImageError("frame lacks PlanePositionSequence, PlaneOrientationSequence "
+                             "or PixelMeasuresSequence geometry", source=where)
+        iop = float_list(orientation, 6, "ImageOrientationPatient", where)
+        transform = _macro(group, shared, "PixelValueTransformationSequence")
+        content = _macro(group, None, "FrameContentSequence")
+        thickness = _value(measures, "SpacingBetweenSlices") or _value(
+            measures, "SliceThickness")
+        frames.append(Frame(
+            source=where,
+            position=np.array(float_list(position, 3, "ImagePositionPatient", where)),
+            row_cosine=np.asarray(iop[:3]) / np.linalg.norm(iop[:3]),
+            col_cosine=np.asarray(iop[3:]) / np.linalg.norm(iop[3:]),
+            spacing=tuple(float_list(spacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+            slope=float(_value(transform, "RescaleSlope", ds.get("RescaleSlope", 1.0)) or 1.0),
+            intercept=float(_value(transform, "RescaleIntercept",
+                                   ds.get("RescaleIntercept", 0.0)) or 0.0),
+            temporal=(
+                int(_value(content, "TemporalPositionIndex", 0) or 0),
+                tuple(int(v) for v in (_value(content, "DimensionIndexValues", []) or [])
+                      ) if not isinstance(_value(content, "DimensionIndexValues"), int)
+                else (int(_value(content, "DimensionIndexValues")),),
+                index,
+            ),
+            load=(lambda i=index: loader(i)),  # type: ignore[misc]
+            slice_thickness=float(thickness) if thickness else None,
+            **attributes,
+        ))
+    return frames
