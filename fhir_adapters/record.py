@@ -184,13 +184,19 @@ class PatientRecord:
             return when is not None and when <= t
 
         deceased_visible = visible(self.outcome.deceased_time)
+        # An end or abatement after the index time would leak how the stay went.
+        encounters = [e if e.end is None or e.end <= t else dataclasses.replace(e, end=None)
+                      for e in self.encounters if visible(e.start)]
+        conditions = [c if c.abatement is None or c.abatement <= t
+                      else dataclasses.replace(c, abatement=None)
+                      for c in self.conditions if visible(c.onset)]
         return dataclasses.replace(
             self,
             observations=[o for o in self.observations if visible(o.effective)],
-            conditions=[c for c in self.conditions if visible(c.onset)],
+            conditions=conditions,
             medications=[m for m in self.medications if visible(m.authored)],
             notes=[n for n in self.notes if visible(n.time)],
-            encounters=[e for e in self.encounters if visible(e.start)],
+            encounters=encounters,
             imaging=[s for s in self.imaging if visible(s.started)],
             outcome=Outcome(
                 deceased=True if deceased_visible else None,

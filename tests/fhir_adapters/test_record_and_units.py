@@ -37,6 +37,19 @@ def test_as_of_hides_everything_later_and_undated() -> None:
     assert len(record.observations) == 3  # the original is untouched
 
 
+def test_as_of_hides_encounter_end_and_abatement_after_index() -> None:
+    from fhir_adapters.record import Condition, Encounter
+
+    record = PatientRecord(
+        key=None,
+        encounters=[Encounter("IMP", "finished", T - timedelta(days=2), T + timedelta(days=5))],
+        conditions=[Condition("1", None, None, T - timedelta(days=9), T + timedelta(days=1))],
+    )
+    view = record.as_of(T)
+    assert view.encounters[0].end is None and view.encounters[0].start is not None
+    assert view.conditions[0].abatement is None
+
+
 def test_as_of_treats_naive_time_as_utc() -> None:
     record = PatientRecord(key=None, observations=[
         Observation("1", None, None, 1.0, "1", T)])
