@@ -218,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Migration chatter says nothing a user needs; warnings still show.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         code = args.func(args)
     except (ValueError, OSError) as exc:

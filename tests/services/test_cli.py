@@ -1,0 +1,76 @@
+"""The command line as a user runs it: exit codes, stdout and stderr."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.shared_data import shared_data_dir
+
+
+def clinfuse(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", "from services.cli import main; main()", *args],
+                          capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).parents[2])
+
+
+def test_records_prints_one_json_line_per_patient() -> None:
+    folder = shared_data_dir("fhir") / "synthea_r4_bundles"
+    result = clinfuse("records", str(folder))
+    assert result.returncode == 0, result.stderr
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 10
+    assert all(line["key"]["system"] for line in lines)
+    assert "skipped" in result.stderr and "hospitalInformation" in result.stderr
+    assert "10 patient record(s)" in result.stderr
+
+
+def test_records_as_of_hides_later_data() -> None:
+    path = next((shared_data_dir("fhir") / "synthea_r4_bundles").glob("Agust*.json"))
+    full = json.loads(clinfuse("records", str(path)).stdout)
+    early = json.loads(clinfuse("records", str(path), "--as-of", "1990-01-01").stdout)
+    assert len(early["observations"]) < len(full["observations"])
+    assert early["index_time"].startswith("1990-01-01")
+
+
+def test_records_rejects_bad_json_without_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"resourceType": "Patient", "birthDate": ')
+    result = clinfuse("records", str(bad))
+    assert result.returncode == 1
+    assert "rejected" in result.stderr and "bad.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_records_of_hl7_junk_is_rejected(tmp_path: Path) -> None:
+    junk = tmp_path / "junk.hl7"
+    junk.write_bytes(bytes(range(256)) * 4)
+    result = clinfuse("records", str(junk))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+
+
+def test_dicom2nifti_refusal_exits_nonzero_with_reason(tmp_path: Path) -> None:
+    series = shared_data_dir("dicom") / "dicom2nifti_testdata" / "failing" / "gantrytilting"
+    result = clinfuse("dicom2nifti", str(series / "001"), str(tmp_path / "out.nii.gz"))
+    assert result.returncode != 0
+    assert "gantry tilt" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "out.nii.gz").exists()
+
+
+def test_synth_prints_oracle_aurocs(tmp_path: Path) -> None:
+    result = clinfuse("synth", "--patients", "40", "--out", str(tmp_path / "c"), "--seed", "3",
+                      "--slices", "8", "--size", "32", "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert "Bayes-optimal AUROC" in result.stdout and "oracle AUROC" in result.stdout
+    assert (tmp_path / "c" / "manifest.csv").exists()
+
+
+@pytest.mark.parametrize("args", [["synth", "--patients", "0", "--out", "x"],
+                                  ["records"], ["nonsense"]])
+def test_bad_arguments_exit_2(args: list[str]) -> None:
+    result = clinfuse(*args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
