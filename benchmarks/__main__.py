@@ -38,8 +38,9 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
+    # Other work on the machine skews absolute rates (less so the ratios), so say how busy it was.
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
-            "platform": platform.platform()}
+            "platform": platform.platform(), "load_average_1m": round(os.getloadavg()[0], 2)}
 
 
 def git_commit() -> str | None:
@@ -65,7 +66,9 @@ def summary_line(entry: dict[str, Any]) -> str:
     result = entry["result"]
     figure = result.get("summary") or json.dumps(result)[:120]
     m = entry["machine"]
-    return (f"| {entry['title']} | {figure} | {m['cpu']}, {m['cores']} cores | "
+    load = m.get("load_average_1m")
+    busy = f", load {load}" if load is not None else ""
+    return (f"| {entry['title']} | {figure} | {m['cpu']}, {m['cores']} cores{busy} | "
             f"{entry['date'][:10]} |")
 
 
