@@ -24,7 +24,9 @@ BENCHMARKS = {
     "fhir": ("benchmarks.fhir_bench", "FHIR Bundles/s to PatientRecord vs fhir.resources R4B"),
     "hl7v2": ("benchmarks.hl7v2_bench", "HL7 v2 messages/s to PatientRecord vs hl7apy"),
     "synth": ("benchmarks.synth_bench", "clinfuse synth patients/s"),
+    "notes": ("benchmarks.notes_bench", "Clinical-note embedding (MiniLM, 2 cores)"),
     "pacs": ("benchmarks.pacs_bench", "PACS ingest: STOW-RS and C-STORE (beside Orthanc)"),
+    "imaging": ("benchmarks.imaging_bench", "DICOM series -> model-ready tensor vs MONAI"),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 
