@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from importlib.metadata import version
 from pathlib import Path
 from typing import TextIO
 
@@ -10,6 +11,7 @@ import nibabel as nib
 import numpy as np
 from pydicom.dataset import Dataset
 
+from pipelines.imaging.cache import VolumeCache, series_key
 from pipelines.imaging.dicom_series import load_dicom_series, series_to_volume
 from pipelines.imaging.discovery import discover
 from pipelines.imaging.mosaic import is_mosaic
@@ -17,9 +19,14 @@ from pipelines.imaging.nifti import load_nifti
 from pipelines.imaging.planar import RASTER_SUFFIXES, is_planar, load_raster, planar_dicom_to_volume
 from pipelines.imaging.volume import ImageError, Volume
 
-__all__ = ["dicom_to_nifti", "load_image", "main_dicom2nifti", "volume_to_nifti"]
+__all__ = ["READER_VERSION", "dicom_to_nifti", "load_image", "load_image_cached",
+           "main_dicom2nifti", "source_files", "volume_to_nifti"]
 
 _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
+
+#: Bump whenever a change to reading or assembly can change a Volume: cached volumes
+#: from older readers then miss instead of being served.
+READER_VERSION = 2
 
 
 def load_image(src: Path, *, resample: bool = False, min_slices: int = 3) -> Volume:
@@ -49,6 +56,60 @@ def load_image(src: Path, *, resample: bool = False, min_slices: int = 3) -> Vol
         return series_to_volume(instances, min_slices=min_slices, resample=resample,
                                 source=str(src))
     return load_dicom_series(src, min_slices=min_slices, resample=resample)
+
+
+def source_files(src: Path) -> list[Path]:
+    """The files a source is read from: a folder's files (as :func:`discover` walks them),
+    a DICOMDIR's folder tree, or the one file.
+
+    Raises
+    ------
+    ImageError
+        ``src`` does not exist or is an empty folder.
+    """
+    src = Path(src)
+    if not src.exists():
+        raise ImageError("no such file or folder", source=str(src))
+    root = src.parent if src.is_file() and src.name.upper().startswith("DICOMDIR") else src
+    if not root.is_dir():
+        return [src]
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ImageError("folder holds no files", source=str(src))
+    return files
+
+
+def load_image_cached(src: Path, cache: VolumeCache | None, *, resample: bool = False,
+                      min_slices: int = 3) -> Volume:
+    """:func:`load_image`, decoded once per series and then served from ``cache``.
+
+    The key is :func:`~pipelines.imaging.cache.series_key` over the source's files
+    (resolved path, size, mtime), namespaced by :data:`READER_VERSION`, the pydicom
+    version and the options, so finding a hit costs one ``stat`` per file and no
+    DICOM parsing. A rewritten, added or removed file misses and is decoded again;
+    eviction keeps the cache under its ``max_bytes``.
+
+    Parameters
+    ----------
+    src : Path
+        As for :func:`load_image`.
+    cache : VolumeCache or None
+        None reads without caching.
+    resample, min_slices
+        As for :func:`load_image`; part of the key.
+
+    Raises
+    ------
+    ImageError
+        As :func:`load_image`; failures are not cached.
+    """
+    if cache is None:
+        return load_image(src, resample=resample, min_slices=min_slices)
+    namespace = (f"clinfuse-reader/{READER_VERSION}/pydicom-{version('pydicom')}/"
+                 f"resample={resample}/min_slices={min_slices}")
+    key = series_key(source_files(Path(src)), namespace=namespace)
+    return cache.get_or_load(
+        key, lambda: load_image(src, resample=resample, min_slices=min_slices))
 
 
 def _single_frame(ds: Dataset) -> bool:

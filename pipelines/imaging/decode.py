@@ -12,11 +12,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import (
     UID,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
 )
 
+from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
 __all__ = [
@@ -29,6 +32,9 @@ GPL_EXTRA = "clinfuse[gpl-codecs]"
 # Transfer syntaxes whose only decoders are pylibjpeg-libjpeg (GPL-3.0) or GDCM; Pillow
 # handles JPEG baseline and 8-bit JPEG extended, but not 12-bit samples or process 14.
 _NEEDS_LIBJPEG = {JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1}
+# Native little-endian pixel data is the stored integers as they lie in memory on every
+# host we run on, so it can be viewed in place instead of going through pydicom's decoder.
+_NATIVE_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
 
 
 def transfer_syntax(ds: Dataset, source: str) -> UID:
@@ -77,6 +83,10 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
             f"transfer syntax {ts} ({ts.name}) can only be decoded by pylibjpeg-libjpeg "
             f"(GPL-3.0, optional extra {GPL_EXTRA}) or GDCM, and neither is installed",
             source=source)
+    if ts in _NATIVE_LITTLE_ENDIAN:
+        native = _native_grey(ds)
+        if native is not None:
+            return native
     try:
         arr = ds.pixel_array
     except NotImplementedError as exc:
@@ -106,6 +116,45 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         arr = arr[np.newaxis]
     # Big-endian buffers are viewed as-is by pydicom; make them native for everything after.
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+
+
+def _native_grey(ds: Dataset) -> np.ndarray | None:
+    """Uncompressed greyscale pixels viewed straight from the file bytes, frames first.
+
+    Gives what pydicom's ``pixel_array`` gives (including its masking of unused high bits)
+    for the common case: 8/16/32-bit integer MONOCHROME data. Returns None for anything
+    else (colour, 1-bit, short or odd data, unparsable attributes), which then goes
+    through pydicom so that it raises its usual errors. The array is read-only unless a
+    bit correction made a copy; callers only ever read decoded pixels.
+    """
+    try:
+        photometric = str(header_value(ds, "PhotometricInterpretation", "")).strip()
+        if photometric not in ("MONOCHROME1", "MONOCHROME2") or \
+                int(header_value(ds, "SamplesPerPixel", 1)) != 1:
+            return None
+        allocated = int(header_value(ds, "BitsAllocated"))
+        stored = int(header_value(ds, "BitsStored", allocated))
+        signed = int(header_value(ds, "PixelRepresentation", 0)) == 1
+        rows, cols = int(header_value(ds, "Rows")), int(header_value(ds, "Columns"))
+        value = header_value(ds, "NumberOfFrames", 1)
+        frames = int(value) if value not in (None, "") else 1
+        data = ds.PixelData
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+    if allocated not in (8, 16, 32) or not 0 < stored <= allocated or frames < 1 or \
+            rows < 1 or cols < 1 or not isinstance(data, bytes):
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{allocated // 8}")
+    count = frames * rows * cols
+    if len(data) < count * dtype.itemsize:
+        return None  # truncated: pydicom names the shortfall
+    arr = np.frombuffer(data, dtype=dtype, count=count).reshape(frames, rows, cols)
+    arr = arr.astype(dtype.newbyteorder("="), copy=False)
+    if stored < allocated:
+        # pydicom's default: the unused high bits are shifted out (sign-extended if signed).
+        shift = allocated - stored
+        arr = np.right_shift(np.left_shift(arr, shift), shift)
+    return arr
 
 
 def _number_of_frames(ds: Dataset, source: str) -> int:

@@ -141,8 +141,10 @@ def assemble_frames(
                          "grid)", source=source)
 
     colour = ref.samples > 1 or ref.photometric == "PALETTE COLOR"
-    stack = np.stack([np.stack([_values(f, colour) for f in plane], axis=2)
-                      for plane in planes], axis=2)  # (i, j, k, t[, c])
+    stack = None if colour else _grey_stack(planes)
+    if stack is None:
+        stack = np.stack([np.stack([_values(f, colour) for f in plane], axis=2)
+                          for plane in planes], axis=2)  # (i, j, k, t[, c])
     resampled = bool(problems)
     if resampled:
         if colour:
@@ -183,7 +185,9 @@ def assemble_frames(
                    "version": version("pydicom"),
                    "arguments": {"min_slices": min_slices, "resample": resample,
                                  "spacing_rtol": spacing_rtol}}]
-    return Volume(np.ascontiguousarray(array), LPS_TO_RAS @ affine_lps, meta, provenance)
+    if not (array.flags.c_contiguous or array.flags.f_contiguous):
+        array = np.ascontiguousarray(array)
+    return Volume(array, LPS_TO_RAS @ affine_lps, meta, provenance)
 
 
 def _geometry_problems(planes: list[list[Frame]], positions: np.ndarray, normal: np.ndarray,
@@ -216,6 +220,49 @@ def _geometry_problems(planes: list[list[Frame]], positions: np.ndarray, normal:
                 problems.append(f"uneven slice spacing: {gap:.3f} mm between {a} and {b}, "
                                 f"{base:.3f} mm elsewhere")
     return problems
+
+
+def _grey_stack(planes: list[list[Frame]]) -> np.ndarray | None:
+    """All grey frames as one (i, j, k, t) float array, rescaled in one pass.
+
+    The frames are stacked as stored, (t, k, rows, cols), and the result is the
+    transposed view of that buffer, so it is Fortran-ordered: a C-ordered copy would
+    cost a transposing pass over the whole volume, and nothing downstream needs one.
+    Values are bit-identical to :func:`_values` frame by frame. Returns None where that
+    cannot be guaranteed cheaply (MONOCHROME1, rescale differing between frames, or
+    integers too wide for exact float32), and the frame-by-frame path runs instead.
+    """
+    ordered = [plane[t] for t in range(len(planes[0])) for plane in planes]
+    first = ordered[0]
+    if first.photometric == "MONOCHROME1" or any(
+            (f.slope, f.intercept, f.photometric) != (first.slope, first.intercept,
+                                                      first.photometric) for f in ordered):
+        return None
+    stored = []
+    for frame in ordered:
+        pixels = frame.load()
+        if pixels.shape != (frame.rows, frame.cols):
+            raise ImageError(f"pixel data are {pixels.shape[:2]}, expected "
+                             f"{frame.rows}x{frame.cols}", source=frame.source)
+        stored.append(pixels)
+    dtype = np.result_type(*stored)
+    slope, intercept = first.slope, first.intercept
+    # (t * k, rows, cols), C-ordered: each frame is converted straight into its slot.
+    values = np.empty((len(stored), first.rows, first.cols), dtype=np.float32)
+    if slope == 1.0 and float(intercept).is_integer():
+        if dtype.kind not in "iu":
+            return None
+        info = np.iinfo(dtype)
+        if max(-int(info.min), int(info.max)) + abs(intercept) > 2**24:
+            return None  # modality_values may keep float64 here; let it decide per frame
+        # Every operand and result is an integer below 2**24: float32 is exact.
+        for slot, pixels in zip(values, stored, strict=True):
+            np.add(pixels, np.float32(intercept), out=slot, dtype=np.float32)
+    else:
+        for slot, pixels in zip(values, stored, strict=True):
+            slot[...] = pixels.astype(np.float64) * slope + intercept
+    n_t = len(planes[0])
+    return values.reshape(n_t, len(planes), first.rows, first.cols).T
 
 
 def _values(frame: Frame, colour: bool) -> np.ndarray:

@@ -18,6 +18,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from pipelines.imaging.decode import transfer_syntax
+from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
 __all__ = ["DicomInstance", "Discovery", "Rejected", "discover", "read_dicom"]
@@ -147,7 +148,7 @@ def discover(src: Path) -> Discovery:
         except ImageError as exc:
             found.rejected.append(Rejected(source, exc.reason))
             continue
-        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        uid = str(header_value(ds, "SeriesInstanceUID", "") or "")
         if not uid:
             found.rejected.append(Rejected(source, "no SeriesInstanceUID"))
             continue
@@ -160,7 +161,7 @@ def _candidates(src: Path) -> Iterator[tuple[str, Path | bytes]]:
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             if path.name.startswith("."):
                 continue  # editor and OS droppings, never DICOM
-            if zipfile.is_zipfile(path):
+            if not _has_dicm_prefix(path) and zipfile.is_zipfile(path):
                 yield from _zip_members(path)
             else:
                 yield str(path), path
@@ -170,6 +171,19 @@ def _candidates(src: Path) -> Iterator[tuple[str, Path | bytes]]:
         yield from _dicomdir_files(src)
     else:
         yield str(src), src
+
+
+def _has_dicm_prefix(path: Path) -> bool:
+    """A Part-10 file: 'DICM' after the 128-byte preamble.
+
+    Checked before ``zipfile.is_zipfile``, which on a file that is no zip scans up to
+    64 KiB from its end for a directory record: a whole uncompressed slice's worth.
+    """
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"
+    except OSError:
+        return False  # reported when the file is read
 
 
 def _zip_members(path: Path) -> Iterator[tuple[str, bytes]]:

@@ -15,6 +15,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pipelines.imaging.decode import decode_pixels
+from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
 __all__ = ["Frame", "FrameLoader", "classic_frame", "float_list", "frames_from_dataset"]
@@ -78,7 +79,7 @@ def float_list(value: Any, n: int, name: str, source: str) -> list[float]:
 
 
 def _number(ds: Dataset, keyword: str, default: float | None, source: str) -> float | None:
-    value = ds.get(keyword)
+    value = header_value(ds, keyword)
     if value is None or value == "":
         return default
     try:
@@ -88,7 +89,7 @@ def _number(ds: Dataset, keyword: str, default: float | None, source: str) -> fl
 
 
 def _int(ds: Dataset, keyword: str, source: str, default: int | None = None) -> int:
-    value = ds.get(keyword, default)
+    value = header_value(ds, keyword, default)
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
@@ -101,12 +102,13 @@ def image_attributes(ds: Dataset, source: str) -> dict[str, Any]:
     return {
         "rows": _int(ds, "Rows", source),
         "cols": _int(ds, "Columns", source),
-        "photometric": str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip(),
+        "photometric": str(header_value(ds, "PhotometricInterpretation",
+                                        "MONOCHROME2")).strip(),
         "samples": _int(ds, "SamplesPerPixel", source, 1),
         "bits_stored": _int(ds, "BitsStored", source, _int(ds, "BitsAllocated", source, 16)),
         "signed": _int(ds, "PixelRepresentation", source, 0) == 1,
-        "series_uid": str(ds.get("SeriesInstanceUID", "")),
-        "frame_of_reference": str(ds.get("FrameOfReferenceUID", "")),
+        "series_uid": str(header_value(ds, "SeriesInstanceUID", "")),
+        "frame_of_reference": str(header_value(ds, "FrameOfReferenceUID", "")),
     }
 
 
@@ -116,21 +118,22 @@ def classic_frame(ds: Dataset, source: str, loader: FrameLoader) -> Frame:
         if keyword not in ds:
             raise ImageError(f"{keyword} is missing, so the image cannot be placed in a "
                              "volume", source=source)
-    iop = float_list(ds.ImageOrientationPatient, 6, "ImageOrientationPatient", source)
+    iop = float_list(header_value(ds, "ImageOrientationPatient"), 6,
+                     "ImageOrientationPatient", source)
     temporal = (
         _number(ds, "TemporalPositionIdentifier", 0.0, source),
         _number(ds, "EchoNumbers", 0.0, source) if not isinstance(
-            ds.get("EchoNumbers"), list) else 0.0,
+            header_value(ds, "EchoNumbers"), list) else 0.0,
         _number(ds, "TriggerTime", 0.0, source),
-        str(ds.get("AcquisitionTime", "")),
+        str(header_value(ds, "AcquisitionTime", "")),
         _number(ds, "InstanceNumber", 0.0, source),
     )
     return Frame(
         source=source,
-        position=np.array(float_list(ds.ImagePositionPatient, 3, "ImagePositionPatient",
-                                     source)),
+        position=np.array(float_list(header_value(ds, "ImagePositionPatient"), 3,
+                                     "ImagePositionPatient", source)),
         row_cosine=_unit(iop[:3], source), col_cosine=_unit(iop[3:], source),
-        spacing=tuple(float_list(ds.PixelSpacing, 2, "PixelSpacing", source)),  # type: ignore[arg-type]
+        spacing=tuple(float_list(header_value(ds, "PixelSpacing"), 2, "PixelSpacing", source)),  # type: ignore[arg-type]
         slope=_number(ds, "RescaleSlope", 1.0, source) or 1.0,
         intercept=_number(ds, "RescaleIntercept", 0.0, source) or 0.0,
         temporal=temporal,

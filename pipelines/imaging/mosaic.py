@@ -16,6 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pipelines.imaging.frames import Frame, FrameLoader, classic_frame
+from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
 __all__ = ["is_mosaic", "mosaic_frames", "number_of_images_in_mosaic"]
@@ -23,7 +24,7 @@ __all__ = ["is_mosaic", "mosaic_frames", "number_of_images_in_mosaic"]
 
 def is_mosaic(ds: Dataset) -> bool:
     """True for Siemens MOSAIC images (ImageType contains MOSAIC)."""
-    image_type = ds.get("ImageType") or []
+    image_type = header_value(ds, "ImageType") or []
     values = [image_type] if isinstance(image_type, str) else list(image_type)
     return "MOSAIC" in [str(v).upper() for v in values]
 

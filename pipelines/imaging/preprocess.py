@@ -8,6 +8,16 @@ config, and nothing is random, so the same Volume always gives the same tensor.
 Each step appends a TorchIO-style record (step, arguments, package version) to
 the output's ``meta["provenance"]``, after the Volume's own records.
 
+Two implementations compute the same tensor. ``"monai"`` runs the MONAI transforms.
+``"auto"`` (the default) asks MONAI, lazily, for every step's output grid and affine,
+then resamples axis by axis in NumPy (:mod:`pipelines.imaging.separable`) where each
+output axis reads from a single input axis. Orientation and Spacing grids always do
+(Spacing keeps the input's axis directions), so in practice only 2-D and colour
+volumes run the MONAI transforms. The two agree to float32 rounding (MONAI resamples
+in float64); records from the NumPy path say ``package: clinfuse`` and name the MONAI
+transform they reproduce. Only the MONAI path leaves an invertible
+``applied_operations`` trace on the output.
+
 Examples
 --------
 >>> cfg = PreprocessConfig(spacing=(2.0, 2.0, 2.0), spatial_size=(32, 32, 16),
@@ -20,6 +30,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 import monai
@@ -29,14 +40,25 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     MapTransform,
+    Orientation,
     Orientationd,
+    Resize,
     Resized,
+    ResizeWithPadOrCrop,
     ResizeWithPadOrCropd,
     ScaleIntensityRange,
+    Spacing,
     Spacingd,
     Transform,
 )
 
+from pipelines.imaging.separable import (
+    AxisMap,
+    affine_axis_maps,
+    apply_maps,
+    interpolate_map,
+    shift_map,
+)
 from pipelines.imaging.volume import Volume
 
 __all__ = [
@@ -183,13 +205,22 @@ def _record(step: str, *, package: str = "monai", **args: Any) -> dict[str, Any]
     return {"step": step, "package": package, "version": version, "args": args}
 
 
+@lru_cache(maxsize=1)
 def _clinfuse_version() -> str:
+    # Cached: importlib.metadata parses the package metadata on every call.
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version("clinfuse")
     except PackageNotFoundError:
         return "unknown"
+
+
+def _fast_record(step: str, **args: Any) -> dict[str, Any]:
+    """A record for a step the NumPy path computed in place of MONAI's ``step``."""
+    record = _record(step, package="clinfuse", **args)
+    record["reproduces"] = f"monai {monai.__version__} {step}"
+    return record
 
 
 def _append(meta_tensor: MetaTensor, record: dict[str, Any]) -> None:
@@ -204,20 +235,29 @@ class VolumeToTensor(Transform):
     """
 
     def __call__(self, volume: Volume) -> MetaTensor:  # type: ignore[override]
-        array = np.asarray(volume.array)
-        if array.ndim == 2:
-            array = array[None, :, :, None]
-        elif array.ndim == 3:
-            array = array[None]
-        else:
-            array = np.moveaxis(array, -1, 0)
-        meta: dict[str, Any] = {k: v for k, v in volume.metadata.items()
-                if isinstance(v, str | int | float | bool)}
-        meta["provenance"] = [dict(r) for r in volume.provenance]
+        array = _channel_first(volume)
         out = MetaTensor(torch.as_tensor(np.ascontiguousarray(array), dtype=torch.float32),
-                         affine=torch.as_tensor(volume.affine, dtype=torch.float64), meta=meta)
+                         affine=torch.as_tensor(volume.affine, dtype=torch.float64),
+                         meta=_tensor_meta(volume))
         _append(out, _record("VolumeToTensor", package="clinfuse", shape=list(array.shape)))
         return out
+
+
+def _channel_first(volume: Volume) -> np.ndarray:
+    """The volume's array as a (C, X, Y, Z) view: 2-D gets unit axes, 4-D T as channels."""
+    array = np.asarray(volume.array)
+    if array.ndim == 2:
+        return array[None, :, :, None]
+    if array.ndim == 3:
+        return array[None]
+    return np.moveaxis(array, -1, 0)
+
+
+def _tensor_meta(volume: Volume) -> dict[str, Any]:
+    meta: dict[str, Any] = {k: v for k, v in volume.metadata.items()
+                            if isinstance(v, str | int | float | bool)}
+    meta["provenance"] = [dict(r) for r in volume.provenance]
+    return meta
 
 
 class WindowByModality(Transform):
@@ -243,15 +283,18 @@ class WindowByModality(Transform):
             raise KeyError(f"no intensity window for Modality {modality!r}; have "
                            f"{sorted(self.windows)}")
         if img.numel() and float(img.max()) == float(img.min()):
-            warnings.warn(f"constant image (value {float(img.max())}) for series "
-                          f"{img.meta.get('SeriesInstanceUID', '?')}; the window maps it to "
-                          "one value", RuntimeWarning, stacklevel=2)
+            _warn_constant(float(img.max()), img.meta.get("SeriesInstanceUID", "?"))
         out = ScaleIntensityRange(window.a_min, window.a_max, window.b_min, window.b_max,
                                   clip=True, dtype=np.float32)(img)
         assert isinstance(out, MetaTensor)
         args: dict[str, Any] = {"modality": modality, "clip": True, **window.to_dict()}
         _append(out, _record("ScaleIntensityRange", **args))
         return out
+
+
+def _warn_constant(value: float, series: Any) -> None:
+    warnings.warn(f"constant image (value {value}) for series {series}; the window maps it "
+                  "to one value", RuntimeWarning, stacklevel=3)
 
 
 class WindowByModalityd(MapTransform):
@@ -311,6 +354,10 @@ def build_transforms(config: PreprocessConfig, keys: Sequence[str] = (_KEY,)) ->
     return Compose(steps)
 
 
+Implementation = Literal["auto", "monai"]
+_IMPLEMENTATIONS = ("auto", "monai")
+
+
 class Preprocess(Transform):
     """Volume -> model input tensor (C, X, Y, Z) float32, as the config declares.
 
@@ -320,20 +367,132 @@ class Preprocess(Transform):
     Parameters
     ----------
     config : PreprocessConfig
+    implementation : {"auto", "monai"}, default "auto"
+        ``"auto"`` resamples axis by axis in NumPy where the grids allow it (see the
+        module docstring), else runs MONAI; ``"monai"`` always runs the MONAI transforms.
     """
 
-    def __init__(self, config: PreprocessConfig) -> None:
+    def __init__(self, config: PreprocessConfig, *,
+                 implementation: Implementation = "auto") -> None:
+        if implementation not in _IMPLEMENTATIONS:
+            raise ValueError(f"implementation must be one of {_IMPLEMENTATIONS}, got "
+                             f"{implementation!r}")
         self.config = config
+        # Not `backend`: MONAI's Transform uses that name for its array libraries.
+        self.implementation = implementation
         self.to_tensor = VolumeToTensor()
         self.transforms = build_transforms(config)
+        self._geometry = _LazyGeometry(config)
 
     def __call__(self, volume: Volume) -> MetaTensor:  # type: ignore[override]
-        self.config.window_for(volume.metadata.get("Modality"))  # fail before any work
+        window = self.config.window_for(volume.metadata.get("Modality"))  # fail before work
         with np.errstate(all="raise", under="ignore"):
+            if self.implementation == "auto":
+                fast = self._axis_aligned(volume, window)
+                if fast is not None:
+                    return fast
             out = self.transforms({_KEY: self.to_tensor(volume)})[_KEY]
         result = out.to(torch.float32)
         assert isinstance(result, MetaTensor)
         return result
+
+    def _axis_aligned(self, volume: Volume, window: Window) -> MetaTensor | None:
+        """The NumPy path, or None where it does not apply (colour, 2-D, sheared grids)."""
+        if volume.is_color or np.ndim(volume.array) not in (3, 4):
+            return None
+        cfg = self.config
+        data = _channel_first(volume)
+        if data.dtype != np.float32:
+            data = data.astype(np.float32)  # keeps the memory order; VolumeToTensor's cast
+        src_affine = np.asarray(volume.affine, dtype=np.float64)
+        mid_affine, mid_shape, out_affine, out_shape = self._geometry(data.shape, src_affine)
+        maps = affine_axis_maps(np.linalg.solve(src_affine, mid_affine), data.shape[1:],
+                                mid_shape, cfg.interpolation)
+        fit_maps = self._fit_maps(mid_affine, mid_shape, out_affine, out_shape)
+        if maps is None or fit_maps is None:
+            return None
+        image = apply_maps(data, maps)
+        if image.size and image.max() == image.min():
+            _warn_constant(float(image.max()), volume.metadata.get("SeriesInstanceUID", "?"))
+        # ScaleIntensityRange's arithmetic, in place and in the same order; multiplying
+        # by 1 and adding 0 change no value, so the usual [0, 1] target skips them.
+        image -= window.a_min
+        image /= window.a_max - window.a_min
+        if window.b_max - window.b_min != 1.0:
+            image *= window.b_max - window.b_min
+        if window.b_min != 0.0:
+            image += window.b_min
+        np.clip(image, window.b_min, window.b_max, out=image)
+        image = apply_maps(image, fit_maps)
+
+        records = [_fast_record("Orientationd", axcodes=cfg.orientation)]
+        if cfg.spacing is not None:
+            records.append(_fast_record("Spacingd", pixdim=list(cfg.spacing),
+                                        mode=cfg.interpolation))
+        records.append(_fast_record("ScaleIntensityRange",
+                                    modality=volume.metadata.get("Modality"), clip=True,
+                                    **window.to_dict()))
+        if cfg.fit == "crop_pad":
+            records.append(_fast_record("ResizeWithPadOrCropd",
+                                        spatial_size=list(cfg.spatial_size), mode="constant"))
+        else:
+            records.append(_fast_record("Resized", spatial_size=list(cfg.spatial_size),
+                                        mode=_resize_mode(cfg)))
+        meta = _tensor_meta(volume)
+        meta["provenance"] += [
+            _record("VolumeToTensor", package="clinfuse", shape=list(data.shape)), *records]
+        return MetaTensor(torch.from_numpy(image), affine=torch.as_tensor(out_affine),
+                          meta=meta)
+
+    def _fit_maps(self, mid_affine: np.ndarray, mid_shape: tuple[int, ...],
+                  out_affine: np.ndarray, out_shape: tuple[int, ...]) -> list[AxisMap] | None:
+        if self.config.fit == "resize":
+            mode = self.config.interpolation
+            return [interpolate_map(d, mid_shape[d], out_shape[d], mode) for d in range(3)]
+        # Pad/crop moves the grid by whole voxels: read the shift off the two affines.
+        shift = np.linalg.solve(mid_affine, out_affine)
+        offsets = np.rint(shift[:3, 3])
+        if not np.allclose(shift[:3, :3], np.eye(3), atol=1e-6) or \
+                not np.allclose(shift[:3, 3], offsets, atol=1e-4):
+            return None
+        return [shift_map(d, int(offsets[d]), mid_shape[d], out_shape[d]) for d in range(3)]
+
+
+def _resize_mode(config: PreprocessConfig) -> str:
+    return "trilinear" if config.interpolation == "bilinear" else "nearest"
+
+
+class _LazyGeometry:
+    """Output grids of Orientation, Spacing and the fit step, from MONAI, without data.
+
+    MONAI's lazy mode computes each transform's output shape and affine without
+    touching voxels, so the NumPy path lands on exactly the grid the MONAI path would.
+    """
+
+    def __init__(self, config: PreprocessConfig) -> None:
+        self.orient = Orientation(axcodes=config.orientation, labels=_RAS_LABELS, lazy=True)
+        self.spacing = None if config.spacing is None else Spacing(
+            pixdim=config.spacing, mode=config.interpolation, padding_mode="zeros", lazy=True)
+        self.fit: Transform = (
+            ResizeWithPadOrCrop(spatial_size=config.spatial_size, mode="constant", lazy=True)
+            if config.fit == "crop_pad" else
+            Resize(spatial_size=config.spatial_size, mode=_resize_mode(config), lazy=True))
+
+    def __call__(self, shape: tuple[int, ...], affine: np.ndarray
+                 ) -> tuple[np.ndarray, tuple[int, ...], np.ndarray, tuple[int, ...]]:
+        # A zero-stride stand-in of the right shape: lazy transforms read only its size.
+        probe = MetaTensor(torch.zeros(()).expand(*shape), affine=torch.as_tensor(affine))
+        mid = self.orient(probe)
+        if self.spacing is not None:
+            mid = self.spacing(mid)
+        end = self.fit(mid)
+
+        def grid(t: torch.Tensor) -> tuple[np.ndarray, tuple[int, ...]]:
+            assert isinstance(t, MetaTensor)
+            affine = np.asarray(t.peek_pending_affine(), dtype=np.float64)
+            return affine, tuple(int(s) for s in t.peek_pending_shape())
+
+        return (*grid(mid), *grid(end))
 
 
 class Preprocessd(MapTransform):

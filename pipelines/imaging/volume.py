@@ -4,6 +4,10 @@ Array axes follow NIfTI/nibabel: ``(i, j, k[, t])`` = (columns, rows, slices[, t
 and ``affine`` maps voxel indices to RAS+ millimetres, as dcm2niix and
 dicom2nifti write them. Colour images add a trailing RGB axis, flagged by
 ``metadata["ColorChannels"] == 3``; ``to_nifti`` writes those as NIfTI RGB24.
+
+``array`` may be C- or Fortran-ordered: a grey DICOM series is the transposed view of
+its frames as stored (slices, rows, columns), which saves a transposing copy of the
+whole volume. Use ``np.ascontiguousarray`` where a C-ordered buffer is needed.
 """
 
 from __future__ import annotations
