@@ -1,9 +1,10 @@
 """DICOM pixel decoding with licence-compatible codecs, and the modality value transform.
 
 Decoding goes through pydicom's pixel backends (numpy, its own RLE, pylibjpeg-openjpeg,
-pyjpegls, Pillow). pylibjpeg-libjpeg is GPL-3.0 and is never required: transfer syntaxes
-that only it (or GDCM) can decode are refused with an :class:`ImageError` that names the
-transfer syntax and the opt-in extra.
+pyjpegls, Pillow, and GDCM through python-gdcm, BSD/Apache-licensed, for JPEG lossless and
+12-bit JPEG). pylibjpeg-libjpeg is GPL-3.0 and is never required; where neither it nor
+GDCM is installed, those transfer syntaxes are refused with an :class:`ImageError` that
+names the transfer syntax and both ways to decode it.
 """
 
 from __future__ import annotations
@@ -29,12 +30,21 @@ __all__ = [
 #: The optional extra that brings the GPL JPEG decoder (pylibjpeg-libjpeg).
 GPL_EXTRA = "clinfuse[gpl-codecs]"
 
-# Transfer syntaxes whose only decoders are pylibjpeg-libjpeg (GPL-3.0) or GDCM; Pillow
+# Transfer syntaxes whose only decoders are GDCM or pylibjpeg-libjpeg (GPL-3.0); Pillow
 # handles JPEG baseline and 8-bit JPEG extended, but not 12-bit samples or process 14.
 _NEEDS_LIBJPEG = {JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1}
 # Native little-endian pixel data is the stored integers as they lie in memory on every
 # host we run on, so it can be viewed in place instead of going through pydicom's decoder.
 _NATIVE_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+
+
+def _decoder_available(ts: UID) -> bool:
+    from pydicom.pixels import get_decoder
+
+    try:
+        return bool(get_decoder(ts).is_available)
+    except NotImplementedError:
+        return False
 
 
 def transfer_syntax(ds: Dataset, source: str) -> UID:
@@ -78,11 +88,11 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
     if ds.file_meta.get("TransferSyntaxUID") is None:
         # Raw datasets read with force=True: pydicom needs the syntax in the meta to decode.
         ds.file_meta.TransferSyntaxUID = ts
-    if ts in _NEEDS_LIBJPEG:
+    if ts in _NEEDS_LIBJPEG and not _decoder_available(ts):
         raise ImageError(
-            f"transfer syntax {ts} ({ts.name}) can only be decoded by pylibjpeg-libjpeg "
-            f"(GPL-3.0, optional extra {GPL_EXTRA}) or GDCM, and neither is installed",
-            source=source)
+            f"transfer syntax {ts} ({ts.name}) can only be decoded by GDCM (python-gdcm) or "
+            f"pylibjpeg-libjpeg (GPL-3.0, optional extra {GPL_EXTRA}), and neither is "
+            "installed", source=source)
     if ts in _NATIVE_LITTLE_ENDIAN:
         native = _native_grey(ds)
         if native is not None:
@@ -93,8 +103,9 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         raise ImageError(f"unsupported transfer syntax {ts} ({ts.name}): {exc}",
                          source=source) from exc
     except RuntimeError as exc:
-        # pydicom raises RuntimeError when no installed plugin can decode the syntax.
-        first = str(exc).splitlines()[0]
+        # pydicom raises RuntimeError when no installed plugin can decode the syntax; its
+        # following lines give each plugin's reason, e.g. 12-bit JPEG needs libjpeg.
+        first = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise ImageError(f"cannot decode transfer syntax {ts} ({ts.name}): {first}",
                          source=source) from exc
     except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:

@@ -30,9 +30,9 @@ def anatomical() -> Path:
     ("MR_truncated.dcm", "corrupt pixel data"),
     ("badVR.dcm", "NumberOfFrames is '1A'"),
     ("meta_missing_tsyntax.dcm", "no (0002,0010) TransferSyntaxUID"),
-    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51"),  # 12-bit JPEG: only GPL libjpeg/GDCM
-    ("SC_rgb_jpeg_gdcm.dcm", "gpl-codecs"),  # JPEG lossless process 14
     ("rtplan.dcm", "no DICOM image series found"),
+    # 12-bit JPEG: neither GDCM nor Pillow decodes it; only GPL libjpeg does.
+    ("JPGExtended.dcm", "1.2.840.10008.1.2.4.51"),
 ])
 def test_bad_dicom_files_refused_by_name(name: str, words: str) -> None:
     path = pydicom_file(name)
@@ -40,6 +40,27 @@ def test_bad_dicom_files_refused_by_name(name: str, words: str) -> None:
         load_image(path)
     assert words in str(info.value)
     assert str(path) in str(info.value)
+
+
+def test_unsupported_compression_is_refused_naming_it(tmp_path: Path) -> None:
+    import pydicom
+
+    ds = pydicom.dcmread(pydicom_file("JPEG2000.dcm"))
+    ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2 video: no decoder
+    path = tmp_path / "mpeg2.dcm"
+    ds.save_as(path)
+    with pytest.raises(ImageError) as info:
+        load_image(path)
+    assert "1.2.840.10008.1.2.4.100" in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["SC_rgb_jpeg_gdcm.dcm"])
+def test_jpeg_lossless_decodes_through_gdcm(name: str) -> None:
+    import pydicom
+
+    volume = load_image(pydicom_file(name))
+    reference = pydicom.dcmread(pydicom_file(name)).pixel_array
+    assert volume.array.size == reference.size
 
 
 def test_non_dicom_bytes_reported_not_raised(tmp_path: Path) -> None:
