@@ -1,0 +1,351 @@
+"""Late fusion: per-modality logits combined under an explicit availability mask.
+
+Each modality ``m`` (image embedding, scaled tabular features with missing
+indicators, 384-d note embedding) has its own branch ``f_m`` -- a linear term
+plus a small MLP -- giving a logit contribution. The fused logit is
+
+    logit = b + sum_m mask_m * f_m(x_m)
+
+so an absent modality contributes nothing and the model accepts any subset.
+This is the naive-Bayes form of late fusion: when the modalities carry
+conditionally independent evidence, ``f_m`` is modality m's log-likelihood
+ratio and the masked sum is the posterior logit for whatever was observed. The
+logit with only modality m present, ``b + f_m``, is exposed as that modality's
+logit for explanation (:meth:`FusionRiskModel.per_modality_logits`).
+
+Modality dropout during training hides present modalities at random so every
+subset is trained on, not just the patterns that happen to occur.
+
+Examples
+--------
+>>> rng = np.random.default_rng(0)
+>>> X = {"ehr": rng.normal(size=(200, 3)).astype("float32")}
+>>> y = (X["ehr"][:, 0] > 0).astype(int)
+>>> model = FusionRiskModel(modalities=("ehr",), max_epochs=5, device="cpu")
+>>> model.fit(X, y, X_val=X, y_val=y).predict_proba(X).shape
+(200, 2)
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from models.calibration import Calibrator, calibrator_from_dict, make_calibrator
+from models.device import exact_math, resolve_device
+
+__all__ = ["MODALITIES", "FusionNet", "FusionRiskModel"]
+
+log = logging.getLogger(__name__)
+
+#: Modality names, as ``CohortManifest.modalities_present`` spells them.
+MODALITIES: tuple[str, ...] = ("image", "ehr", "note")
+
+
+class Branch(nn.Module):
+    """One modality's logit contribution: linear term + one-hidden-layer MLP."""
+
+    def __init__(self, n_in: int, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.linear = nn.Linear(n_in, 1)
+        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 1))
+        # Start every contribution at exactly 0 (the model at the base rate), so early
+        # stopping compares against a sane start rather than random logit noise.
+        last = self.mlp[-1]
+        assert isinstance(last, nn.Linear)
+        for layer in (self.linear, last):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.linear(x) + self.mlp(x)).squeeze(-1)
+
+
+class FusionNet(nn.Module):
+    """``logit = bias + sum_m mask_m f_m(x_m)``; returns (logit, contributions (B, M))."""
+
+    def __init__(self, dims: Mapping[str, int], hidden: int = 32, dropout: float = 0.2) -> None:
+        super().__init__()
+        self.modalities = tuple(dims)
+        self.branches = nn.ModuleDict({m: Branch(d, hidden, dropout) for m, d in dims.items()})
+        self.bias = nn.Parameter(torch.zeros(1))
+
+    def forward(self, inputs: Mapping[str, torch.Tensor], mask: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        contributions = torch.stack([self.branches[m](inputs[m]) for m in self.modalities],
+                                    dim=1)
+        fused = self.bias + (contributions * mask).sum(dim=1)
+        return fused, contributions
+
+
+class FusionRiskModel(BaseEstimator):
+    """Scikit-learn style wrapper around :class:`FusionNet`, with calibration.
+
+    ``X`` is a mapping modality -> 2-D float array (rows aligned); ``mask`` is a
+    boolean array ``(n, len(modalities_))`` saying which modality each row has.
+    Rows of an absent modality may hold anything (NaN included): they are zeroed
+    and masked.
+
+    Parameters
+    ----------
+    modalities : sequence of str, default=("image", "ehr", "note")
+        Branches to build, in mask column order; keys missing from ``X`` at fit
+        time are dropped (e.g. a cohort without images).
+    hidden : int, default=32
+    dropout : float, default=0.2
+    modality_dropout : float, default=0.25
+        Training-time probability of hiding each present modality of a row.
+    lr : float, default=3e-3
+    weight_decay : float, default=1e-2
+    max_epochs : int, default=300
+    patience : int, default=25
+    batch_size : int, default=256
+    seed : int, default=0
+    device : str, default="auto"
+    calibration : {"temperature", "isotonic"}, default="temperature"
+        Method :meth:`calibrate` fits.
+
+    Attributes
+    ----------
+    net_ : FusionNet
+    modalities_ : tuple of str
+    dims_ : dict str -> int
+    history_ : list of dict
+    best_epoch_ : int
+    calibrator_ : TemperatureScaling or IsotonicCalibration or None
+        Set by :meth:`calibrate`; None until then (raw probabilities).
+    """
+
+    _parameter_constraints: ClassVar[dict[str, Any]] = {"calibration": ("temperature", "isotonic")}
+
+    def __init__(self, *, modalities: Sequence[str] = MODALITIES, hidden: int = 32,
+                 dropout: float = 0.2, modality_dropout: float = 0.25, lr: float = 3e-3,
+                 weight_decay: float = 1e-2, max_epochs: int = 300, patience: int = 25,
+                 batch_size: int = 256, seed: int = 0, device: str = "auto",
+                 calibration: str = "temperature") -> None:
+        self.modalities = modalities
+        self.hidden = hidden
+        self.dropout = dropout
+        self.modality_dropout = modality_dropout
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.seed = seed
+        self.device = device
+        self.calibration = calibration
+
+
+    # -- fitting -----------------------------------------------------------------------
+
+    def fit(self, X: Mapping[str, np.ndarray], y: np.ndarray, mask: np.ndarray | None = None,
+            *, X_val: Mapping[str, np.ndarray], y_val: np.ndarray,
+            mask_val: np.ndarray | None = None) -> FusionRiskModel:
+        """Train with early stopping on the validation split; returns self."""
+        if self.calibration not in self._parameter_constraints["calibration"]:
+            raise ValueError(f"calibration must be 'temperature' or 'isotonic', got "
+                             f"{self.calibration!r}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; choose from {list(MODALITIES)}")
+        modalities = tuple(m for m in self.modalities if m in X)
+        if not modalities:
+            raise ValueError(f"X has none of the modalities {list(self.modalities)}")
+        y_arr = np.asarray(y, dtype=np.float32)
+        if len(np.unique(y_arr)) < 2:
+            raise ValueError("the training split has one class only; cannot train")
+        self.modalities_ = modalities
+        self.dims_ = {m: int(np.asarray(X[m]).shape[1]) for m in modalities}
+        device = resolve_device(self.device)
+        xs, ms = self._tensors(X, mask, len(y_arr))
+        xv, mv = self._tensors(X_val, mask_val, len(y_val))
+        yt = torch.as_tensor(y_arr)
+        yv = torch.as_tensor(np.asarray(y_val, dtype=np.float32))
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        net = FusionNet(self.dims_, self.hidden, self.dropout).to(device)
+        with torch.no_grad():  # start at the base rate: fewer epochs, a sane early stop
+            rate = float(y_arr.mean())
+            net.bias.fill_(math.log(rate / (1 - rate)))
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        loss_fn = nn.BCEWithLogitsLoss()
+        xs_d = {m: v.to(device) for m, v in xs.items()}
+        xv_d = {m: v.to(device) for m, v in xv.items()}
+        ms_d, mv_d, yt_d, yv_d = ms.to(device), mv.to(device), yt.to(device), yv.to(device)
+        best, best_state, best_epoch, stale = math.inf, copy.deepcopy(net.state_dict()), 0, 0
+        history: list[dict[str, float]] = []
+        n = len(yt)
+        for epoch in range(1, self.max_epochs + 1):
+            net.train()
+            order = torch.randperm(n, generator=gen).to(device)
+            keep = (torch.rand(ms.shape, generator=gen) >= self.modality_dropout).to(device)
+            total = 0.0
+            for start in range(0, n, self.batch_size):
+                idx = order[start:start + self.batch_size]
+                batch = {m: v[idx] for m, v in xs_d.items()}
+                logit, _ = net(batch, ms_d[idx] * keep[idx])
+                loss = loss_fn(logit, yt_d[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            net.eval()
+            with torch.no_grad():
+                val_logit, _ = net(xv_d, mv_d)
+                val_loss = float(loss_fn(val_logit, yv_d))
+            history.append({"epoch": epoch, "train_loss": total / n, "val_loss": val_loss})
+            if epoch == 1 or epoch % 10 == 0:
+                log.info("fusion epoch %d: train loss %.4f, val loss %.4f", epoch, total / n,
+                         val_loss)
+            if val_loss < best - 1e-5:
+                best, best_state, best_epoch, stale = (val_loss, copy.deepcopy(net.state_dict()),
+                                                       epoch, 0)
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        net.load_state_dict(best_state)
+        self.net_ = net.to("cpu").eval()
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.calibrator_: Calibrator | None = None
+        log.info("fusion: best epoch %d, val loss %.4f", best_epoch, best)
+        return self
+
+    def calibrate(self, X: Mapping[str, np.ndarray], y: np.ndarray,
+                  mask: np.ndarray | None = None) -> FusionRiskModel:
+        """Fit ``calibration`` on held-out rows (never the training split); returns self."""
+        check_is_fitted(self, "net_")
+        self.calibrator_ = make_calibrator(self.calibration).fit(
+            self.predict_logit(X, mask, calibrated=False), y)
+        return self
+
+    # -- inference ---------------------------------------------------------------------
+
+    def _tensors(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None, n: int
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        if mask is None:
+            m = np.array([[mod in X for mod in self.modalities_]] * n, dtype=bool)
+        else:
+            m = np.asarray(mask, dtype=bool)
+            if m.shape != (n, len(self.modalities_)):
+                raise ValueError(f"mask must have shape ({n}, {len(self.modalities_)}) for "
+                                 f"modalities {list(self.modalities_)}, got {m.shape}")
+        out: dict[str, torch.Tensor] = {}
+        for j, mod in enumerate(self.modalities_):
+            if mod not in X:
+                if m[:, j].any():
+                    raise ValueError(f"mask says {mod!r} is present but X has no {mod!r}")
+                out[mod] = torch.zeros(n, self.dims_[mod])
+                continue
+            arr = np.asarray(X[mod], dtype=np.float32)
+            if arr.shape != (n, self.dims_[mod]):
+                raise ValueError(f"{mod!r} input must have shape ({n}, {self.dims_[mod]}), "
+                                 f"got {arr.shape}")
+            bad = ~np.isfinite(arr).all(axis=1) & m[:, j]
+            if bad.any():
+                raise ValueError(f"{mod!r} has non-finite values in {int(bad.sum())} row(s) "
+                                 "marked present")
+            arr = np.where(m[:, j:j + 1], arr, 0.0).astype(np.float32)
+            out[mod] = torch.from_numpy(np.ascontiguousarray(arr))
+        return out, torch.from_numpy(m.astype(np.float32))
+
+    def _forward(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None,
+                 device: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        check_is_fitted(self, "net_")
+        n = len(next(iter(X.values()))) if X else (0 if mask is None else len(mask))
+        xs, ms = self._tensors(X, mask, n)
+        dev = resolve_device(device if device is not None else self.device)
+        net = self.net_.to(dev)
+        logits, contribs = [], []
+        try:
+            with torch.inference_mode(), exact_math():
+                for start in range(0, n, 4096):
+                    sl = slice(start, start + 4096)
+                    lo, co = net({m: v[sl].to(dev) for m, v in xs.items()}, ms[sl].to(dev))
+                    logits.append(lo.cpu())
+                    contribs.append(co.cpu())
+        finally:
+            self.net_ = net.to("cpu")
+        if not logits:
+            return np.zeros(0), np.zeros((0, len(self.modalities_))), ms.numpy()
+        return (torch.cat(logits).double().numpy(), torch.cat(contribs).double().numpy(),
+                ms.numpy().astype(bool))
+
+    def predict_logit(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None, *,
+                      calibrated: bool = True, device: str | None = None) -> np.ndarray:
+        """Fused logit per row (after the calibrator's logit map when there is one)."""
+        logit = self._forward(X, mask, device)[0]
+        cal = getattr(self, "calibrator_", None)
+        return cal.transform(logit) if calibrated and cal is not None else logit
+
+    def predict_proba(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None, *,
+                      device: str | None = None) -> np.ndarray:
+        """``(n, 2)`` class probabilities, calibrated when :meth:`calibrate` has run."""
+        logit = self._forward(X, mask, device)[0]
+        cal = getattr(self, "calibrator_", None)
+        p = cal.predict_proba(logit) if cal is not None else 0.5 * (1 + np.tanh(0.5 * logit))
+        return np.column_stack([1.0 - p, p])
+
+    def per_modality_logits(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None,
+                            *, calibrated: bool = True, device: str | None = None
+                            ) -> np.ndarray:
+        """``(n, M)``: the logit each modality gives alone (``b + f_m``); NaN where absent.
+
+        Equals :meth:`predict_logit` with every other modality masked.
+        """
+        _, contribs, present = self._forward(X, mask, device)
+        alone = float(self.net_.bias.detach()[0]) + contribs
+        cal = getattr(self, "calibrator_", None)
+        if calibrated and cal is not None:
+            alone = cal.transform(alone.ravel()).reshape(alone.shape)
+        return np.where(present, alone, np.nan)
+
+    def contributions(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None, *,
+                      device: str | None = None) -> np.ndarray:
+        """``(n, M)`` raw contributions ``f_m`` to the fused logit; 0 where absent."""
+        _, contribs, present = self._forward(X, mask, device)
+        return np.where(present, contribs, 0.0)
+
+    # -- persistence -------------------------------------------------------------------
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(config, state dict) for the artifact."""
+        check_is_fitted(self, "net_")
+        params = {**self.get_params(deep=False), "modalities": list(self.modalities)}
+        cal = getattr(self, "calibrator_", None)
+        config = {"params": params, "modalities": list(self.modalities_), "dims": self.dims_,
+                  "best_epoch": self.best_epoch_,
+                  "calibrator": cal.to_dict() if cal is not None else None}
+        return config, {k: v.detach().cpu().clone() for k, v in self.net_.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]
+                   ) -> FusionRiskModel:
+        params = dict(config["params"])
+        params["modalities"] = tuple(params["modalities"])
+        model = cls(**params)
+        model.modalities_ = tuple(config["modalities"])
+        # JSON documents may come back with sorted keys: the order is modalities_, not dims.
+        model.dims_ = {m: int(config["dims"][m]) for m in model.modalities_}
+        net = FusionNet(model.dims_, model.hidden, model.dropout)
+        net.load_state_dict(state)
+        model.net_ = net.eval()
+        model.history_ = []
+        model.best_epoch_ = int(config.get("best_epoch", 0))
+        cal = config.get("calibrator")
+        model.calibrator_ = calibrator_from_dict(cal) if cal else None
+        return model

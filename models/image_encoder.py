@@ -1,0 +1,363 @@
+"""The image encoder: a MONAI network -> an embedding plus an auxiliary logit.
+
+Networks (``network`` in the model config):
+
+``"compact"``
+    The CPU default: four strided ``monai.networks.blocks.Convolution`` blocks
+    (conv, batch norm, PReLU) and global average pooling, ~0.3 M parameters. The
+    pooling keeps "how much of the volume looks like X", which is what a
+    lesion-burden signal is; batch (not instance) norm keeps absolute intensity.
+``"densenet121"``
+    The GPU default: ``monai.networks.nets.DenseNet121`` with its classifier
+    replaced by the embedding layer.
+``"auto"``
+    densenet121 on CUDA, compact elsewhere.
+
+``spatial_dims`` is 3 for CT/MR volumes (input ``(N, 1, X, Y, Z)``) and 2 for
+radiographs and PNG/JPEG images (``(N, 1, X, Y)``). ``pretrained_path`` loads a
+local state dict; nothing is ever downloaded.
+
+:class:`ImageEncoder` is the scikit-learn style wrapper used in stage 1 of
+training: it fits the network on labelled images through the auxiliary head
+(early stopping on a validation split), then ``embed`` gives the frozen
+embeddings that the fusion model consumes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import torch
+from monai.networks.blocks import Convolution
+from monai.networks.nets import DenseNet121
+from sklearn.base import BaseEstimator
+from sklearn.utils.validation import check_is_fitted
+from torch import nn
+
+from models.device import autocast, exact_math, resolve_device
+
+__all__ = ["NETWORKS", "CompactEncoder", "ImageEncoder", "ImageNetwork", "build_network",
+           "count_parameters"]
+
+log = logging.getLogger(__name__)
+
+NETWORKS = ("compact", "densenet121", "auto")
+_INVALID_NETWORK = "Unrecognised image network {0!r}; choose from {1}"
+
+
+class CompactEncoder(nn.Module):
+    """Strided MONAI convolution blocks + global average pooling -> ``out_channels``."""
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
+                 widths: tuple[int, ...] = (16, 32, 64, 128)) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        channels = in_channels
+        for width in widths:
+            blocks.append(Convolution(spatial_dims, channels, width, strides=2, kernel_size=3,
+                                      act="PRELU", norm="BATCH"))
+            channels = width
+        self.features = nn.Sequential(*blocks)
+        self.out = nn.Linear(channels, out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.features(x)
+        return self.out(h.flatten(2).mean(dim=2))
+
+
+class ImageNetwork(nn.Module):
+    """Backbone -> embedding; ``head`` turns the embedding into the auxiliary logit."""
+
+    def __init__(self, backbone: nn.Module, embedding_dim: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(embedding_dim, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        embedding = self.backbone(x)
+        return embedding, self.head(embedding).squeeze(-1)
+
+
+def build_network(network: str, *, spatial_dims: int, in_channels: int = 1,
+                  embedding_dim: int = 64, pretrained_path: str | Path | None = None
+                  ) -> ImageNetwork:
+    """The network named ``network`` ("compact" or "densenet121"), weights from a local file.
+
+    Raises
+    ------
+    ValueError
+        Unknown network or spatial_dims, or a pretrained file that does not fit.
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    backbone: nn.Module
+    if network == "compact":
+        backbone = CompactEncoder(spatial_dims, in_channels, embedding_dim)
+    elif network == "densenet121":
+        backbone = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels,
+                               out_channels=embedding_dim)
+    else:
+        raise ValueError(_INVALID_NETWORK.format(network, ["compact", "densenet121"]))
+    net = ImageNetwork(backbone, embedding_dim)
+    if pretrained_path is not None:
+        path = Path(pretrained_path)
+        if not path.is_file():
+            raise ValueError(f"pretrained weights {path} do not exist (weights are never "
+                             "downloaded; give a local file)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        if len(missing) == len(list(backbone.state_dict())):
+            raise ValueError(f"pretrained weights {path} match none of the {network} layers")
+        log.info("loaded pretrained %s weights from %s (%d missing, %d unexpected keys)",
+                 network, path, len(missing), len(unexpected))
+    return net
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class ImageEncoder(BaseEstimator):
+    """Stage-1 image model: fit on labels through the auxiliary head, then embed.
+
+    Parameters
+    ----------
+    network : {"auto", "compact", "densenet121"}, default="auto"
+    spatial_dims : {2, 3}, default=3
+    embedding_dim : int, default=64
+    max_epochs : int, default=30
+    patience : int, default=5
+        Epochs without a better validation loss before stopping.
+    batch_size : int, default=32
+    lr : float, default=1e-3
+    weight_decay : float, default=1e-4
+    augment : bool, default=True
+        Random flips along each spatial axis (from the estimator's own generator).
+    seed : int, default=0
+    device : str, default="auto"
+    pretrained_path : str, optional
+    progress : bool, default=False
+        tqdm bars per epoch.
+
+    Attributes
+    ----------
+    network_ : ImageNetwork
+        The fitted network (best validation epoch), in eval mode on CPU.
+    network_name_ : str
+        The network actually built ("auto" resolved).
+    history_ : list of dict
+        Per-epoch train loss, validation loss and AUROC.
+    best_epoch_ : int
+    """
+
+    _parameter_constraints: ClassVar[dict[str, Any]] = {
+        "network": NETWORKS, "spatial_dims": (2, 3),
+    }
+
+    def __init__(self, *, network: Literal["auto", "compact", "densenet121"] = "auto",
+                 spatial_dims: int = 3, embedding_dim: int = 64, max_epochs: int = 30,
+                 patience: int = 5, batch_size: int = 32, lr: float = 1e-3,
+                 weight_decay: float = 1e-4, augment: bool = True, seed: int = 0,
+                 device: str = "auto", pretrained_path: str | None = None,
+                 progress: bool = False) -> None:
+        self.network = network
+        self.spatial_dims = spatial_dims
+        self.embedding_dim = embedding_dim
+        self.max_epochs = max_epochs
+        self.patience = patience
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.augment = augment
+        self.seed = seed
+        self.device = device
+        self.pretrained_path = pretrained_path
+        self.progress = progress
+
+
+    def _validate(self) -> None:
+        for name, allowed in self._parameter_constraints.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got "
+                                 f"{getattr(self, name)!r}")
+        for name in ("embedding_dim", "max_epochs", "batch_size"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    def _check_input(self, X: torch.Tensor) -> None:
+        if X.ndim != self.spatial_dims + 2:
+            axes = "X, Y, Z" if self.spatial_dims == 3 else "X, Y"
+            raise ValueError(f"expected images of shape (N, C, {axes}), got {tuple(X.shape)}")
+
+    def fit(self, X: torch.Tensor, y: np.ndarray, X_val: torch.Tensor, y_val: np.ndarray
+            ) -> ImageEncoder:
+        """Train on (X, y) with early stopping on (X_val, y_val); returns self."""
+        self._validate()
+        self._check_input(X)
+        self._check_input(X_val)
+        y_t = torch.as_tensor(np.asarray(y), dtype=torch.float32)
+        yv = np.asarray(y_val, dtype=float)
+        if len(np.unique(np.asarray(y))) < 2:
+            raise ValueError("the image training split has one class only; cannot train the "
+                             "image encoder")
+        device = resolve_device(self.device)
+        name = self.network if self.network != "auto" else (
+            "densenet121" if device.type == "cuda" else "compact")
+        torch.manual_seed(self.seed)
+        net = build_network(name, spatial_dims=self.spatial_dims, in_channels=int(X.shape[1]),
+                            embedding_dim=self.embedding_dim,
+                            pretrained_path=self.pretrained_path).to(device)
+        channels_last = device.type == "cuda" and self.spatial_dims == 3
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps = max(1, math.ceil(len(X) / self.batch_size)) * self.max_epochs
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps,
+                                                    pct_start=0.15)
+        gen = torch.Generator().manual_seed(self.seed)
+        loss_fn = nn.BCEWithLogitsLoss()
+        best, best_state, best_epoch, stale = math.inf, copy.deepcopy(net.state_dict()), 0, 0
+        history: list[dict[str, float]] = []
+        for epoch in range(1, self.max_epochs + 1):
+            net.train()
+            order = torch.randperm(len(X), generator=gen)
+            total, seen = 0.0, 0
+            batches = range(0, len(X), self.batch_size)
+            for start in _bar(batches, self.progress, f"image encoder epoch {epoch}"):
+                idx = order[start:start + self.batch_size]
+                if len(idx) < 2:
+                    continue  # batch norm needs two samples
+                xb = X[idx].to(torch.float32)
+                if self.augment:
+                    xb = _flip(xb, gen, self.spatial_dims)
+                xb = xb.to(device)
+                if channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last_3d)
+                with autocast(device):
+                    _, logit = net(xb)
+                    loss = loss_fn(logit.float(), y_t[idx].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.detach()) * len(idx)
+                seen += len(idx)
+            val_logit = _predict(net, X_val, device, self.batch_size, channels_last)[1]
+            val_loss = _bce(val_logit, yv)
+            record = {"epoch": epoch, "train_loss": total / max(seen, 1), "val_loss": val_loss,
+                      "val_auroc": _auroc(yv, val_logit)}
+            history.append(record)
+            log.info("image encoder epoch %d: train loss %.4f, val loss %.4f, val AUROC %.3f",
+                     epoch, record["train_loss"], val_loss, record["val_auroc"])
+            if val_loss < best - 1e-4:
+                best, best_state, best_epoch, stale = (val_loss, copy.deepcopy(net.state_dict()),
+                                                       epoch, 0)
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        net.load_state_dict(best_state)
+        self.network_ = net.to("cpu", memory_format=torch.contiguous_format  # type: ignore[call-overload]
+                               ).eval()
+        self.network_name_ = name
+        self.in_channels_ = int(X.shape[1])
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        return self
+
+    def embed(self, X: torch.Tensor, *, device: str | None = None) -> np.ndarray:
+        """Embeddings ``(N, embedding_dim)`` as float32, computed in float32."""
+        return self._run(X, device)[0]
+
+    def predict_logit(self, X: torch.Tensor, *, device: str | None = None) -> np.ndarray:
+        """The auxiliary head's logits ``(N,)``."""
+        return self._run(X, device)[1]
+
+    def _run(self, X: torch.Tensor, device: str | None) -> tuple[np.ndarray, np.ndarray]:
+        check_is_fitted(self, "network_")
+        self._check_input(X)
+        dev = resolve_device(device if device is not None else self.device)
+        net = self.network_.to(dev)
+        try:
+            return _predict(net, X, dev, self.batch_size,
+                            dev.type == "cuda" and self.spatial_dims == 3)
+        finally:
+            self.network_ = net.to("cpu")
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """(config, state dict) for the artifact."""
+        check_is_fitted(self, "network_")
+        config = {**self.get_params(deep=False), "network_name": self.network_name_,
+                  "best_epoch": self.best_epoch_, "in_channels": self.in_channels_}
+        config["pretrained_path"] = None  # the weights are in the artifact now
+        return config, {k: v.detach().cpu().clone() for k, v in
+                        self.network_.state_dict().items()}
+
+    @classmethod
+    def from_state(cls, config: dict[str, Any], state: dict[str, torch.Tensor]) -> ImageEncoder:
+        """Rebuild a fitted encoder from :meth:`to_state` output."""
+        params = {k: config[k] for k in (
+            "network", "spatial_dims", "embedding_dim", "max_epochs", "patience", "batch_size",
+            "lr", "weight_decay", "augment", "seed", "device") if k in config}
+        enc = cls(**params)
+        net = build_network(config["network_name"], spatial_dims=int(config["spatial_dims"]),
+                            in_channels=int(config.get("in_channels", 1)),
+                            embedding_dim=int(config["embedding_dim"]))
+        net.load_state_dict(state)
+        enc.network_ = net.eval()
+        enc.network_name_ = config["network_name"]
+        enc.in_channels_ = int(config.get("in_channels", 1))
+        enc.history_ = []
+        enc.best_epoch_ = int(config.get("best_epoch", 0))
+        return enc
+
+
+def _predict(net: nn.Module, X: torch.Tensor, device: torch.device, batch_size: int,
+             channels_last: bool) -> tuple[np.ndarray, np.ndarray]:
+    net.eval()
+    embeddings, logits = [], []
+    with torch.inference_mode(), exact_math():
+        for start in range(0, len(X), batch_size):
+            xb = X[start:start + batch_size].to(device=device, dtype=torch.float32)
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last_3d)
+            emb, logit = net(xb)
+            embeddings.append(emb.float().cpu())
+            logits.append(logit.float().cpu())
+    if not embeddings:
+        raise ValueError("no images given")
+    return torch.cat(embeddings).numpy(), torch.cat(logits).numpy()
+
+
+def _flip(x: torch.Tensor, gen: torch.Generator, spatial_dims: int) -> torch.Tensor:
+    for axis in range(2, 2 + spatial_dims):
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        if flip.any():
+            x[flip] = x[flip].flip(axis)
+    return x
+
+
+def _bce(logit: np.ndarray, y: np.ndarray) -> float:
+    z = np.asarray(logit, dtype=float)
+    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+
+def _auroc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    if len(np.unique(y)) < 2:
+        return float("nan")
+    return float(roc_auc_score(y, score))
+
+
+def _bar(iterable: range, show: bool, desc: str) -> Any:
+    if not show:
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, leave=False, unit="batch")

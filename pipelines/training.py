@@ -1,0 +1,577 @@
+"""Train the late-fusion risk model from a cohort manifest into a signed artifact.
+
+Steps (all seeded):
+
+1. Read the manifest; split patients (grouped, stratified by label) into train
+   and validation, and optionally a separate calibration split.
+2. Tabular: one-hot levels, imputation, missing indicators and scaling, all fitted
+   on the training split only.
+3. Notes: pooled sentence embeddings (MiniLM; the TF-IDF fallback is fitted on
+   the training notes only). The artifact records which encoder.
+4. Images, stage 1: the image encoder trains on the training split's images via
+   its auxiliary head (early stopping on validation images); then it is frozen and
+   every series is embedded once (cached per series key and encoder hash).
+5. Stage 2: the fusion model trains on the training split with modality dropout,
+   early stopping on validation.
+6. Calibration (temperature by default) on the validation (or calibration) split;
+   metrics on the validation split.
+7. The artifact: config (outcome, population, feature source, thresholds,
+   preprocessing), weights, scaler, calibration, metrics and a training-data
+   fingerprint (keyed hashes of patient ids, counts, label rate, manifest sha256).
+   No raw rows and no identifiers.
+
+Signing: pass ``signing_key`` (a PEM path). Without one a key pair is generated
+beside the artifact as ``<out>.key``/``<out>.key.pub`` -- **demo only**: a real
+deployment signs with a key the service was configured to trust. The keyed-hash
+salt for patient ids is a site secret kept beside the artifact as ``<out>.salt``
+(never inside it); evaluation uses it to check train/test patient overlap.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import yaml
+from sklearn.model_selection import StratifiedGroupKFold
+
+from models.artifact import ArtifactError, generate_signing_key, load_signing_key, save_artifact
+from models.fusion import MODALITIES, FusionRiskModel
+from models.image_encoder import ImageEncoder
+from models.note_encoder import NoteEncoderUnavailableError, TfidfNoteEncoder, load_note_encoder
+from models.privacy import PatientOverlapError, hashed_ids, new_salt
+from models.tabular import TabularPreprocessor
+from pipelines.evaluation import auprc, auroc, brier_score, expected_calibration_error
+from pipelines.feature_spec import DEFAULT_SPEC
+from pipelines.imaging.convert import load_image
+from pipelines.imaging.volume import ImageError
+from pipelines.manifest import CohortManifest, ManifestError, read_manifest
+from pipelines.model_inputs import (
+    DEFAULT_WINDOWS,
+    ModelDataError,
+    TabularEncoding,
+    embed_notes,
+    encoder_hash,
+    image_logits,
+    load_images,
+    modality_mask,
+    preprocess_config,
+    spatial_dims_of,
+)
+from pipelines.notes import NoteEmbedder, fit_note_encoder
+
+__all__ = ["DEFAULT_CONFIG", "MODEL_FORMAT", "TrainingError", "main_train", "train"]
+
+log = logging.getLogger(__name__)
+
+#: The layout of this package's model config inside the artifact; scoring refuses others.
+MODEL_FORMAT = "clinfuse-late-fusion/1"
+
+DEFAULT_CONFIG: dict[str, Any] = {
+    "model_name": "clinfuse-late-fusion",
+    "model_version": "1.0.0",
+    "seed": 0,
+    "device": "auto",
+    "val_fraction": 0.2,
+    "calibration_split": "validation",  # or "separate": carve it out of the training split
+    "calibration_fraction": 0.15,
+    "calibration": "temperature",  # or "isotonic"
+    "decision_thresholds": {"high_risk": 0.3, "moderate_risk": 0.1},
+    "progress": False,
+    "workers": 2,
+    "image": {
+        "network": "auto", "embedding_dim": 64, "max_epochs": 30, "patience": 5,
+        "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "augment": True,
+        "spatial_size": [64, 64, 32], "spatial_size_2d": [64, 64],
+        "windows": DEFAULT_WINDOWS, "pretrained_path": None, "min_images": 20,
+        "crossfit_folds": 2,
+    },
+    "fusion": {
+        "hidden": 32, "dropout": 0.2, "modality_dropout": 0.25, "lr": 3e-3,
+        "weight_decay": 1e-2, "max_epochs": 300, "patience": 25, "batch_size": 256,
+    },
+    "notes": {"encoder": "minilm"},
+    "baseline_without_image": True,
+}
+
+
+class TrainingError(ValueError):
+    """Training cannot go ahead with this data or config; the message says why."""
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any] | None) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for k, v in (override or {}).items():
+        if k not in out:
+            raise TrainingError(f"unknown config key {k!r}; known keys: {sorted(out)}")
+        if isinstance(out[k], dict) and isinstance(v, dict) and k not in (
+                "decision_thresholds", "windows"):
+            for kk in v:
+                if kk not in out[k]:
+                    raise TrainingError(f"unknown config key {k}.{kk}; known: {sorted(out[k])}")
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def split_patients(patient_ids: np.ndarray, y: np.ndarray, fraction: float, seed: int
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """(rest, held-out) row indices: grouped by patient, stratified by label."""
+    if not 0.0 < fraction < 0.5:
+        raise TrainingError(f"split fraction must be in (0, 0.5), got {fraction}")
+    n_splits = max(2, round(1.0 / fraction))
+    n_pos_patients = len(set(patient_ids[y == 1]))
+    if n_pos_patients < n_splits or len(set(patient_ids[y == 0])) < n_splits:
+        raise TrainingError(f"too few patients per class to split off {fraction:.0%} "
+                            f"({n_pos_patients} patient(s) with events)")
+    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    rest, held = next(folds.split(np.zeros(len(y)), y, groups=patient_ids))
+    return np.sort(rest), np.sort(held)
+
+
+def min_age_of(outcome: dict[str, Any] | None) -> float | None:
+    """The population's minimum age: ``min_age_years`` or "age >= N" in the population text."""
+    if not outcome:
+        return None
+    if outcome.get("min_age_years") is not None:
+        return float(outcome["min_age_years"])
+    match = re.search(r"age\s*(>=|≥|>)\s*(\d+(?:\.\d+)?)", str(outcome.get("population", "")))
+    if match:
+        return float(match.group(2)) + (1.0 if match.group(1) == ">" else 0.0)
+    if re.search(r"\badults?\b", str(outcome.get("population", "")), re.IGNORECASE):
+        return 18.0
+    return None
+
+
+def _seed_everything(seed: int) -> None:
+    np.random.seed(seed % 2**32)  # legacy global RNG, for any library that still reads it
+    torch.manual_seed(seed)
+
+
+def _metrics(y: np.ndarray, p: np.ndarray) -> dict[str, float | None]:
+    if len(np.unique(y)) < 2:
+        return {"auroc": None, "auprc": None, "brier": brier_score(y, p),
+                "ece": expected_calibration_error(y, p)}
+    return {"auroc": auroc(y, p), "auprc": auprc(y, p), "brier": brier_score(y, p),
+            "ece": expected_calibration_error(y, p)}
+
+
+def _auroc_any(y: np.ndarray, score: np.ndarray) -> float:
+    """AUROC of any real-valued score (logits included)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train(manifest_path: str | Path, out_dir: str | Path, *,
+          config: dict[str, Any] | None = None, signing_key: str | Path | None = None,
+          cache_dir: str | Path | None = None) -> Path:
+    """Train the late-fusion model on a manifest and write a signed artifact to ``out_dir``.
+
+    Parameters
+    ----------
+    manifest_path : path
+        Cohort manifest (CSV/Parquet + sidecar).
+    out_dir : path
+        The artifact directory; must not exist (artifacts are immutable).
+    config : dict, optional
+        Overrides of :data:`DEFAULT_CONFIG` (nested dicts merge one level).
+    signing_key : path, optional
+        Ed25519 PEM private key. Without one, a demo key is generated as ``<out>.key``.
+    cache_dir : path, optional
+        Image tensor, embedding and sentence caches; default ``<out>.cache``.
+
+    Returns
+    -------
+    Path
+        The artifact directory.
+
+    Raises
+    ------
+    ManifestError, ModelDataError, TrainingError, ArtifactError
+        Unusable data or config, each with a message that names the problem.
+    """
+    started = time.perf_counter()
+    cfg = _merge(DEFAULT_CONFIG, config)
+    seed = int(cfg["seed"])
+    _seed_everything(seed)
+    out_dir = Path(out_dir)
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise TrainingError(f"{out_dir} already exists; write the new model to a new directory")
+    cache = Path(cache_dir) if cache_dir is not None else out_dir.with_name(out_dir.name +
+                                                                            ".cache")
+    manifest = read_manifest(manifest_path)
+    frame = manifest.frame
+    y = frame["label"].to_numpy(int)
+    pids = frame["patient_id"].astype(str).to_numpy()
+    if len(np.unique(y)) < 2:
+        raise TrainingError(f"{manifest.path}: every label is {int(y[0])}; training needs "
+                            "examples of both classes")
+    rest, val = split_patients(pids, y, float(cfg["val_fraction"]), seed)
+    if cfg["calibration_split"] == "separate":
+        sub_train, cal_sub = split_patients(pids[rest], y[rest],
+                                            float(cfg["calibration_fraction"]), seed + 1)
+        train_rows, cal_rows = rest[sub_train], rest[cal_sub]
+    elif cfg["calibration_split"] == "validation":
+        train_rows, cal_rows = rest, val
+    else:
+        raise TrainingError(f"calibration_split must be 'validation' or 'separate', got "
+                            f"{cfg['calibration_split']!r}")
+    for name, rows in (("training", train_rows), ("validation", val), ("calibration", cal_rows)):
+        if len(np.unique(y[rows])) < 2:
+            raise TrainingError(f"the {name} split has one class only; add more examples "
+                                "of the rarer class")
+    log.info("split: %d train / %d validation rows (%d / %d patients), calibration on %s",
+             len(train_rows), len(val), len(set(pids[train_rows])), len(set(pids[val])),
+             cfg["calibration_split"])
+
+    # Tabular: fitted on the training split only.
+    encoding = TabularEncoding.fit(manifest, train_rows)
+    raw = encoding.transform(frame, str(manifest.path))
+    scaler = TabularPreprocessor().fit(raw[train_rows]) if raw.shape[1] else None
+    X: dict[str, np.ndarray] = {}
+    if scaler is not None:
+        X["ehr"] = scaler.transform(raw)
+
+    # Notes.
+    notes = manifest.notes()
+    note_encoder = None
+    note_present = np.zeros(len(frame), dtype=bool)
+    if any(n is not None and n.strip() for n in notes):
+        note_encoder = load_note_encoder(cfg["notes"]["encoder"])
+        fit_note_encoder(note_encoder, [n for n in (notes[int(i)] for i in train_rows) if n])
+        embedder = NoteEmbedder(note_encoder, cache / "notes")
+        X["note"], note_present = embed_notes(embedder, notes)
+        log.info("notes: %d of %d examples embedded with %s", int(note_present.sum()),
+                 len(notes), note_encoder.name)
+
+    # Images: stage 1.
+    image_cfg: dict[str, Any] | None = None
+    image_state: list[dict[str, torch.Tensor]] | None = None
+    image_metrics: dict[str, Any] = {}
+    paths = manifest.image_paths()
+    image_rows = np.array([i for i, p in enumerate(paths) if p is not None], dtype=int)
+    train_img = np.intersect1d(image_rows, train_rows)
+    val_img = np.intersect1d(image_rows, val)
+    if len(train_img) >= int(cfg["image"]["min_images"]) and len(val_img) >= 2 and \
+            len(np.unique(y[train_img])) == 2:
+        X["image"], image_cfg, image_state, image_metrics = _stage1(
+            manifest, cfg, cache, train_img, val_img, image_rows, y, seed)
+    elif len(image_rows):
+        log.warning("images: only %d training image(s) (min %d, both classes); the model "
+                    "will not use images", len(train_img), cfg["image"]["min_images"])
+
+    mask_all = modality_mask(manifest, raw, note_present)
+    present_mods = [m for j, m in enumerate(MODALITIES) if m in X and mask_all[train_rows, j].any()]
+    if not present_mods:
+        raise TrainingError(f"{manifest.path}: no usable modality (no tabular feature column, "
+                            "note or image)")
+    mask = mask_all[:, [MODALITIES.index(m) for m in present_mods]]
+    Xm = {m: X[m] for m in present_mods}
+
+    # Stage 2: fusion.
+    fusion = FusionRiskModel(modalities=tuple(present_mods), seed=seed, device=cfg["device"],
+                             calibration=cfg["calibration"], **cfg["fusion"])
+    fusion.fit(_rows(Xm, train_rows), y[train_rows], mask[train_rows],
+               X_val=_rows(Xm, val), y_val=y[val], mask_val=mask[val])
+    fusion.calibrate(_rows(Xm, cal_rows), y[cal_rows], mask[cal_rows])
+    baseline = None
+    if cfg["baseline_without_image"] and "image" in present_mods and len(present_mods) > 1:
+        # The comparison model for "what do images add": same inputs minus images,
+        # retrained (fusion stage only, cheap) rather than merely masked.
+        keep = [j for j, m in enumerate(present_mods) if m != "image"]
+        others = tuple(present_mods[j] for j in keep)
+        baseline = FusionRiskModel(modalities=others, seed=seed, device=cfg["device"],
+                                   calibration=cfg["calibration"], **cfg["fusion"])
+        baseline.fit(_rows({m: Xm[m] for m in others}, train_rows), y[train_rows],
+                     mask[train_rows][:, keep], X_val=_rows({m: Xm[m] for m in others}, val),
+                     y_val=y[val], mask_val=mask[val][:, keep])
+        baseline.calibrate(_rows({m: Xm[m] for m in others}, cal_rows), y[cal_rows],
+                           mask[cal_rows][:, keep])
+    p_val = fusion.predict_proba(_rows(Xm, val), mask[val])[:, 1]
+    metrics = {"split": "validation", "overall": _metrics(y[val], p_val),
+               "calibrated_on": cfg["calibration_split"],
+               "note": ("calibration was fitted on this split, so its ECE is optimistic"
+                        if cfg["calibration_split"] == "validation" else None),
+               "n_examples": len(val), "n_events": int(y[val].sum())}
+    alone = fusion.per_modality_logits(_rows(Xm, val), mask[val])
+    metrics["single_modality_auroc_where_present"] = {
+        m: (_auroc_any(y[val][~np.isnan(alone[:, j])], alone[~np.isnan(alone[:, j]), j])
+            if len(np.unique(y[val][~np.isnan(alone[:, j])])) == 2 else None)
+        for j, m in enumerate(present_mods)}
+    metrics["image_encoder"] = image_metrics
+    log.info("validation: AUROC %.3f, AUPRC %.3f, Brier %.4f, ECE %.4f",
+             *(metrics["overall"][k] or float("nan") for k in ("auroc", "auprc", "brier",
+                                                               "ece")))
+
+    # Artifact.
+    key = _signing_key(signing_key, out_dir)
+    salt = _salt(out_dir)
+    outcome = manifest.outcome or {"name": "label", "definition": "the manifest's label column",
+                                   "horizon_days": None, "population": "as in the manifest"}
+    population = {"description": str(outcome.get("population", "as in the manifest")),
+                  "min_age_years": min_age_of(outcome)}
+    if manifest.sidecar.get("feature_source") == "fhir-spec":
+        source: dict[str, Any] = {"kind": "fhir-spec", "spec_version": DEFAULT_SPEC.version,
+                                  "spec": _plain(DEFAULT_SPEC.to_dict())}
+    else:
+        source = {"kind": "manifest-columns", "columns": encoding.columns}
+    fusion_cfg, fusion_state = fusion.to_state()
+    model_config = {
+        "model_name": cfg["model_name"], "model_version": cfg["model_version"],
+        "model_format": MODEL_FORMAT,
+        "outcome": {k: outcome.get(k) for k in ("name", "definition", "horizon_days")},
+        "population": population,
+        "feature_source": source,
+        "input_modalities": present_mods,
+        "decision_thresholds": cfg["decision_thresholds"],
+        "note_encoder": note_encoder.name if note_encoder is not None and "note" in
+        present_mods else None,
+        "note_encoder_kind": ("tfidf" if isinstance(note_encoder, TfidfNoteEncoder)
+                              else "minilm" if note_encoder is not None else None),
+        "sensitive_columns": list(manifest.sensitive),
+        "tabular": encoding.to_dict(),
+        "image": image_cfg,
+        "fusion": fusion_cfg,
+        "calibration": fusion_cfg["calibrator"],
+        "training": {"seed": seed, "config": _plain(cfg),
+                     "seconds": round(time.perf_counter() - started, 1)},
+    }
+    tensors: dict[str, dict[str, torch.Tensor]] = {"fusion": fusion_state}
+    if baseline is not None:
+        base_cfg, tensors["baseline_fusion"] = baseline.to_state()
+        model_config["baseline_fusion"] = base_cfg
+    if scaler is not None:
+        tensors["tabular_scaler"] = scaler.to_tensors()
+    for f, state in enumerate(image_state or []):
+        tensors[f"image_encoder_{f}"] = state
+    documents: dict[str, Any] = {
+        "metrics": _plain(metrics),
+        "feature_spec": {"columns": encoding.columns},
+        "training_data": _fingerprint(manifest, pids, y, train_rows, val, cal_rows, salt,
+                                      mask_all),
+        "history": {"image_encoder": image_metrics.get("history", []),
+                    "fusion": fusion.history_},
+    }
+    if isinstance(note_encoder, TfidfNoteEncoder) and "note" in present_mods:
+        tfidf = note_encoder.get_state()
+        tensors["note_encoder"] = {"idf": torch.as_tensor(tfidf["idf"]),
+                                   "components": torch.as_tensor(tfidf["components"])}
+        documents["note_vocabulary"] = {"params": str(tfidf["params"][()]),
+                                        "vocabulary": [str(t) for t in tfidf["vocabulary"]],
+                                        "fingerprint": str(tfidf["fingerprint"][()])}
+    path = save_artifact(out_dir, config=_plain(model_config), tensors=tensors,
+                         documents=documents, signing_key=key)
+    log.info("wrote artifact %s in %.1f s", path, time.perf_counter() - started)
+    return path
+
+
+def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_img: np.ndarray,
+            val_img: np.ndarray, image_rows: np.ndarray, y: np.ndarray, seed: int
+            ) -> tuple[np.ndarray, dict[str, Any], list[dict[str, torch.Tensor]], dict[str, Any]]:
+    """Stage 1, cross-fitted: the fusion input is each image's out-of-fold logit.
+
+    An encoder scores the images it was trained on far better than new ones; if the
+    fusion head learned from those scores it would trust images too much. So the
+    training images are split by patient into ``crossfit_folds`` folds, one encoder
+    is trained per fold complement, training rows get the logit of the encoder that
+    did not see them, and every other row (validation, scoring) the mean over encoders.
+    """
+    icfg = cfg["image"]
+    first = manifest.image_paths()[int(image_rows[0])]
+    assert first is not None
+    try:
+        dims = spatial_dims_of(load_image(first))
+    except ImageError as exc:
+        raise ModelDataError(f"{manifest.path}: image on line {int(image_rows[0]) + 2} could "
+                             f"not be read: {exc.reason}") from None
+    size = icfg["spatial_size"] if dims == 3 else icfg["spatial_size_2d"]
+    pre = preprocess_config(dims, size, icfg["windows"])
+    t0 = time.perf_counter()
+    images = load_images(manifest, image_rows, pre, dims, cache,
+                         workers=int(cfg["workers"]), progress=bool(cfg["progress"]))
+    log.info("images: %d series preprocessed to %s in %.1f s", len(images.keys),
+             list(pre.spatial_size), time.perf_counter() - t0)
+    pos = {int(r): i for i, r in enumerate(images.rows)}
+    va = [pos[int(r)] for r in val_img]
+    k = int(icfg["crossfit_folds"])
+    pids = manifest.frame["patient_id"].astype(str).to_numpy()
+    if k >= 2:
+        folds = list(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(
+            np.zeros(len(train_img)), y[train_img], groups=pids[train_img]))
+    else:
+        folds = [(np.arange(len(train_img)), np.zeros(0, dtype=int))]
+    encoders, states, hashes, histories = [], [], [], []
+    oof = np.zeros(len(manifest.frame), dtype=np.float32)
+    t0 = time.perf_counter()
+    for f, (fit_idx, out_idx) in enumerate(folds):
+        encoder = ImageEncoder(network=icfg["network"], spatial_dims=dims,
+                               embedding_dim=int(icfg["embedding_dim"]),
+                               max_epochs=int(icfg["max_epochs"]),
+                               patience=int(icfg["patience"]),
+                               batch_size=int(icfg["batch_size"]), lr=float(icfg["lr"]),
+                               weight_decay=float(icfg["weight_decay"]),
+                               augment=bool(icfg["augment"]), seed=seed + f,
+                               device=cfg["device"], pretrained_path=icfg["pretrained_path"],
+                               progress=bool(cfg["progress"]))
+        fit_rows = train_img[fit_idx]
+        encoder.fit(images.tensors[[pos[int(r)] for r in fit_rows]], y[fit_rows],
+                    images.tensors[va], y[val_img])
+        log.info("image encoder %d/%d (%s): best epoch %d of %d", f + 1, len(folds),
+                 encoder.network_name_, encoder.best_epoch_, len(encoder.history_))
+        _, state = encoder.to_state()
+        encoders.append(encoder)
+        states.append(state)
+        hashes.append(encoder_hash(state))
+        histories.append(encoder.history_)
+        if len(out_idx):
+            rows = train_img[out_idx]
+            oof[rows] = encoder.predict_logit(
+                images.tensors[[pos[int(r)] for r in rows]])
+    seconds = time.perf_counter() - t0
+    mean_logit = image_logits(encoders, hashes, images, cache)[:, 0]
+    out = np.zeros((len(manifest.frame), 1), dtype=np.float32)
+    out[images.rows, 0] = mean_logit
+    if k >= 2:
+        out[train_img, 0] = oof[train_img]
+    val_auc = (_auroc_any(y[val_img], out[val_img, 0]) if len(np.unique(y[val_img])) == 2
+               else None)
+    log.info("image stage: %d encoder(s) in %.1f s; validation AUROC of the image logit %s",
+             len(encoders), seconds, f"{val_auc:.3f}" if val_auc is not None else "n/a")
+    config = {"encoders": [e.to_state()[0] for e in encoders], "preprocess": pre.to_dict(),
+              "spatial_dims": dims, "crossfit_folds": k, "fusion_input": "mean aux logit"}
+    metrics = {"network": encoders[0].network_name_, "val_auroc": val_auc,
+               "seconds": round(seconds, 1), "history": histories}
+    return out, config, states, metrics
+
+
+def _rows(X: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {m: v[rows] for m, v in X.items()}
+
+
+def _signing_key(signing_key: str | Path | None, out_dir: Path) -> Any:
+    if signing_key is not None:
+        return load_signing_key(Path(signing_key))
+    key_path = out_dir.with_name(out_dir.name + ".key")
+    log.warning("no signing key given: generated a DEMO key pair %s and %s.pub; a deployment "
+                "must sign with its own key and configure the service to trust it", key_path,
+                key_path)
+    return generate_signing_key(key_path)
+
+
+def _salt(out_dir: Path) -> bytes:
+    """A fresh keyed-hash salt in ``<out>.salt`` (mode 0600): a site secret, not in the artifact."""
+    path = out_dir.with_name(out_dir.name + ".salt")
+    salt = new_salt()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(salt.hex())
+    return salt
+
+
+def _fingerprint(manifest: CohortManifest, pids: np.ndarray, y: np.ndarray,
+                 train_rows: np.ndarray, val: np.ndarray, cal_rows: np.ndarray, salt: bytes,
+                 mask: np.ndarray) -> dict[str, Any]:
+    used = np.union1d(np.union1d(train_rows, val), cal_rows)
+    return {
+        "manifest_sha256": _sha256(manifest.path),
+        "n_rows": len(pids),
+        "n_patients": len(set(pids)),
+        "label_rate": float(y.mean()),
+        "splits": {name: {"n_rows": len(rows), "n_patients": len(set(pids[rows])),
+                          "label_rate": float(y[rows].mean())}
+                   for name, rows in (("train", train_rows), ("validation", val),
+                                      ("calibration", cal_rows))},
+        "modalities_present": {m: int(mask[used, j].sum()) for j, m in enumerate(MODALITIES)},
+        "membership": {
+            "id_hash": "hmac-sha256 (salt kept by the training site, not in the artifact)",
+            "train_patients": sorted(set(hashed_ids(pids[used], salt))),
+            "test_patients": [],
+        },
+    }
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready: tuples to lists, numpy scalars to Python, NaN to None."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def load_config(path: str | Path | None) -> dict[str, Any]:
+    """A YAML/JSON training config file (overrides of DEFAULT_CONFIG)."""
+    if path is None:
+        return {}
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise TrainingError(f"{p}: not a readable YAML/JSON config ({type(exc).__name__})"
+                            ) from None
+    if not isinstance(data, dict):
+        raise TrainingError(f"{p}: the config must be a mapping")
+    return data
+
+
+#: What the command-line bodies turn into one-line errors (no traceback).
+USER_ERRORS = (ManifestError, ModelDataError, TrainingError, ArtifactError, ImageError,
+               PatientOverlapError, NoteEncoderUnavailableError, FileNotFoundError,
+               PermissionError)
+
+
+def main_train(manifest: str | Path, out: str | Path, *, seed: int | None = None,
+               epochs: int | None = None, device: str | None = None,
+               config_path: str | Path | None = None, signing_key: str | Path | None = None,
+               stderr: TextIO | None = None) -> int:
+    """CLI body of ``clinfuse train``: 0 on success, 1 with a one-line reason otherwise.
+
+    ``epochs`` caps the image encoder's epochs (stage 1); the fusion head has its own
+    ``fusion.max_epochs`` in the config file.
+    """
+    stream = stderr if stderr is not None else sys.stderr
+    try:
+        cfg = load_config(config_path)
+        if seed is not None:
+            cfg["seed"] = int(seed)
+        if device is not None:
+            cfg["device"] = device
+        if epochs is not None:
+            if epochs < 1:
+                raise TrainingError(f"epochs must be at least 1, got {epochs}")
+            cfg["image"] = {**cfg.get("image", {}), "max_epochs": int(epochs)}
+        path = train(manifest, out, config=cfg, signing_key=signing_key)
+    except USER_ERRORS as exc:
+        stream.write(f"clinfuse train: {exc}\n")
+        return 1
+    except ValueError as exc:  # bad option values (device, sizes, windows)
+        stream.write(f"clinfuse train: {exc}\n")
+        return 1
+    stream.write(f"clinfuse train: wrote {path}\n")
+    return 0
