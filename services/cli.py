@@ -116,6 +116,27 @@ def _deid(args: argparse.Namespace) -> int:
                      on_burned_in="flag" if args.flag_burned_in else "refuse")
 
 
+def _train(args: argparse.Namespace) -> int:
+    from pipelines.training import main_train
+
+    return main_train(args.manifest, args.out, seed=args.seed, epochs=args.epochs,
+                      device=args.device, config_path=args.config, signing_key=args.signing_key)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipelines.evaluate_model import main_evaluate
+
+    return main_evaluate(args.model, args.manifest, args.out, args.n_boot,
+                         trusted_keys=args.trusted_key, device=args.device, seed=args.seed)
+
+
+def _score(args: argparse.Namespace) -> int:
+    from pipelines.scoring import main_score
+
+    return main_score(args.model, args.manifest, args.out, trusted_keys=args.trusted_key,
+                      device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -165,6 +186,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="de-identify images declaring burned-in annotation and flag them, "
                         "instead of refusing them")
     p.set_defaults(func=_deid)
+
+    p = sub.add_parser("train", help="train the late-fusion risk model from a cohort manifest")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="model artifact directory to create")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--epochs", type=_positive_int, default=None,
+                   help="cap on image-encoder epochs")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--config", default=None, help="YAML model config")
+    p.add_argument("--signing-key", default=None,
+                   help="Ed25519 private key (PEM) that signs the artifact; without one a "
+                        "demo key is generated beside the artifact")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="AUROC/AUPRC/Brier/ECE with patient-bootstrap CIs, "
+                                        "ablations and calibration")
+    p.add_argument("--model", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", default="evaluation")
+    p.add_argument("--n-boot", type=_positive_int, default=1000)
+    p.add_argument("--trusted-key", action="append", default=None,
+                   help="public key (.pub) the artifact must be signed with; repeatable")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("score", help="score a manifest: one row per example")
+    p.add_argument("--model", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True, help="scores.csv")
+    p.add_argument("--trusted-key", action="append", default=None)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_score)
 
     p = sub.add_parser("demo", help="run the demo: synthetic cohort, ingest, features")
     p.add_argument("--out", default="demo-data")
