@@ -26,6 +26,10 @@ BENCHMARKS = {
     "synth": ("benchmarks.synth_bench", "clinfuse synth patients/s"),
     "notes": ("benchmarks.notes_bench", "Clinical-note embedding (MiniLM, 2 cores)"),
     "pacs": ("benchmarks.pacs_bench", "PACS ingest: STOW-RS and C-STORE (beside Orthanc)"),
+    "audit": ("benchmarks.audit_bench",
+              "Fairness audit: 1M rows, 4 attributes + pairs, 1000 resamples; vs fairlearn"),
+    "audit_planted": ("benchmarks.audit_planted_bias",
+                      "Fairness audit finds planted disparities (and only those)"),
     "imaging": ("benchmarks.imaging_bench", "DICOM series -> model-ready tensor vs MONAI"),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"

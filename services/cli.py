@@ -137,6 +137,43 @@ def _score(args: argparse.Namespace) -> int:
                       device=args.device)
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from audits.cli import main_audit, main_compare
+
+    if args.scores is None and args.compare:
+        if len(args.compare) != 2:
+            sys.stderr.write("clinfuse audit compare: give two audit folders\n")
+            return 2
+        return main_compare(args.compare[0], args.compare[1])
+    if args.scores is None:
+        sys.stderr.write("clinfuse audit: --scores is required (or: audit compare A B)\n")
+        return 2
+    sensitive = [s for s in args.sensitive.split(",") if s] if args.sensitive else None
+    return main_audit(args.scores, sensitive, args.out, args.run_by,
+                      manifest_sidecar=args.manifest_sidecar, n_boot=args.n_boot,
+                      min_group_size=args.min_group_size, multiplicity=args.multiplicity,
+                      threshold=_audit_threshold(args.threshold, Path(args.scores)))
+
+
+def _audit_threshold(choice: str, scores: Path) -> float | str:
+    """A number, a column name, or (auto) the score file's own threshold column."""
+    try:
+        return float(choice)
+    except ValueError:
+        pass
+    if choice != "auto":
+        return choice
+    try:
+        header = scores.open(encoding="utf-8").readline().strip().split(",")
+    except OSError:
+        return "threshold"  # the audit reports the unreadable file itself
+    # `clinfuse score` writes threshold_<name>; the high-risk one is the actionable decision.
+    for name in ("threshold", "threshold_high_risk"):
+        if name in header:
+            return name
+    return next((h for h in header if h.startswith("threshold_")), "threshold")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -219,6 +256,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted-key", action="append", default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("audit", help="fairness audit of a score table; `audit compare A B` "
+                                     "shows what changed between two audits")
+    p.add_argument("compare", nargs="*", help=argparse.SUPPRESS)
+    p.add_argument("--scores", default=None, help="scores.csv from `clinfuse score`")
+    p.add_argument("--sensitive", default=None, help="comma-separated sensitive columns")
+    p.add_argument("--manifest-sidecar", default=None,
+                   help="manifest YAML whose `sensitive` list to use")
+    p.add_argument("--out", default="audit")
+    p.add_argument("--run-by", default=None, help="who ran it (default: the OS user)")
+    p.add_argument("--n-boot", type=_positive_int, default=1000)
+    p.add_argument("--min-group-size", type=_positive_int, default=30)
+    p.add_argument("--multiplicity", choices=["bh", "holm"], default="bh")
+    p.add_argument("--threshold", default="auto",
+                   help="decision threshold: a number, a column, or auto (the score file's "
+                        "threshold_high_risk)")
+    p.set_defaults(func=_audit)
 
     p = sub.add_parser("demo", help="run the demo: synthetic cohort, ingest, features")
     p.add_argument("--out", default="demo-data")
