@@ -36,7 +36,8 @@ def planted_cohort(n: int, seed: int) -> tuple[torch.Tensor, dict[str, np.ndarra
     y = (rng.random(n) < 1 / (1 + np.exp(-(z.sum(axis=1) - 1.0)))).astype(np.int64)
     images = rng.normal(0.2, 0.05, size=(n, 1, 32, 32, 16)).astype(np.float32)
     for i, half in enumerate(np.clip(3 + 2 * z[:, 0], 1, 7).astype(int)):
-        images[i, 0, 16 - half:16 + half, 16 - half:16 + half, 8 - half // 2:8 + half // 2 + 1] = 0.8
+        depth = slice(8 - half // 2, 8 + half // 2 + 1)
+        images[i, 0, 16 - half:16 + half, 16 - half:16 + half, depth] = 0.8
     ehr = (z[:, [1]] + rng.normal(0, 0.7, size=(n, 12))).astype(np.float32)
     note = (z[:, [2]] * rng.normal(size=(1, 32)) + rng.normal(0, 1, (n, 32))).astype(np.float32)
     mask = rng.random((n, 3)) > 0.2
