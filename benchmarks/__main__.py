@@ -31,6 +31,8 @@ BENCHMARKS = {
     "audit_planted": ("benchmarks.audit_planted_bias",
                       "Fairness audit finds planted disparities (and only those)"),
     "imaging": ("benchmarks.imaging_bench", "DICOM series -> model-ready tensor vs MONAI"),
+    "explain": ("benchmarks.explain_bench",
+                "Explanation for one patient (p50) and EHR SHAP vs KernelExplainer"),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

@@ -1,8 +1,9 @@
 """Late fusion: per-modality logits combined under an explicit availability mask.
 
-Each modality ``m`` (image embedding, scaled tabular features with missing
-indicators, 384-d note embedding) has its own branch ``f_m`` -- a linear term
-plus a small MLP -- giving a logit contribution. The fused logit is
+Each modality ``m`` (the image encoder's logit, scaled tabular features with
+missing indicators, the pooled note representation) has its own branch ``f_m``
+-- a linear term on standardised inputs, plus an optional small MLP
+(``hidden > 0``) -- giving a logit contribution. The fused logit is
 
     logit = b + sum_m mask_m * f_m(x_m)
 
@@ -14,7 +15,9 @@ logit with only modality m present, ``b + f_m``, is exposed as that modality's
 logit for explanation (:meth:`FusionRiskModel.per_modality_logits`).
 
 Modality dropout during training hides present modalities at random so every
-subset is trained on, not just the patterns that happen to occur.
+subset is trained on, not just the patterns that happen to occur. The linear
+terms carry an L2 penalty scaled by each branch's input width and chosen from a
+small grid on the validation log-loss; early stopping also watches that loss.
 
 Examples
 --------
@@ -52,23 +55,39 @@ MODALITIES: tuple[str, ...] = ("image", "ehr", "note")
 
 
 class Branch(nn.Module):
-    """One modality's logit contribution: linear term + one-hidden-layer MLP."""
+    """One modality's logit contribution: a linear term, plus a one-hidden-layer MLP.
+
+    Inputs are standardised first with the ``shift``/``scale`` buffers (set from the
+    training rows at fit time, saved with the weights), so one L2 penalty suits every
+    modality. ``hidden=0`` makes the branch linear: a logistic-regression term.
+    """
+
+    shift: torch.Tensor
+    scale: torch.Tensor
 
     def __init__(self, n_in: int, hidden: int, dropout: float) -> None:
         super().__init__()
+        self.register_buffer("shift", torch.zeros(n_in))
+        self.register_buffer("scale", torch.ones(n_in))
         self.linear = nn.Linear(n_in, 1)
-        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden, 1))
+        self.mlp: nn.Sequential | None = None
+        if hidden > 0:
+            self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Dropout(dropout),
+                                     nn.Linear(hidden, 1))
         # Start every contribution at exactly 0 (the model at the base rate), so early
         # stopping compares against a sane start rather than random logit noise.
-        last = self.mlp[-1]
-        assert isinstance(last, nn.Linear)
-        for layer in (self.linear, last):
+        layers = [self.linear] + ([self.mlp[-1]] if self.mlp is not None else [])
+        for layer in layers:
+            assert isinstance(layer, nn.Linear)
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.linear(x) + self.mlp(x)).squeeze(-1)
+        z = (x - self.shift) / self.scale
+        out = self.linear(z)
+        if self.mlp is not None:
+            out = out + self.mlp(z)
+        return out.squeeze(-1)
 
 
 class FusionNet(nn.Module):
@@ -101,14 +120,28 @@ class FusionRiskModel(BaseEstimator):
     modalities : sequence of str, default=("image", "ehr", "note")
         Branches to build, in mask column order; keys missing from ``X`` at fit
         time are dropped (e.g. a cohort without images).
-    hidden : int, default=32
+    hidden : int, default=0
+        Hidden units of each branch's MLP; 0 = linear branches (logistic-regression
+        terms on standardised inputs), which suits additive evidence best.
     dropout : float, default=0.2
     modality_dropout : float, default=0.25
         Training-time probability of hiding each present modality of a row.
     lr : float, default=3e-3
     weight_decay : float, default=1e-2
+        AdamW decay of the MLP weights (when ``hidden > 0``).
+    l2 : float or sequence of float, default=(0.003, 0.01, 0.03, 0.1)
+        L2 penalty ``l2 * ||w||^2`` on the linear terms' weights, added to the mean
+        log-loss (sklearn's ``C`` is ``1 / (2 * l2 * n)``). A sequence is a grid:
+        one fit per value, the best validation log-loss wins (``l2_``).
+    l2_dim_power : float, default=0.5
+        Branch ``m``'s penalty is multiplied by ``d_m ** l2_dim_power`` (its input
+        width), so wide branches (note embeddings) are shrunk harder than narrow
+        ones (the one image logit).
     max_epochs : int, default=300
+    min_epochs : int, default=20
+        Epochs always run before early stopping may stop.
     patience : int, default=25
+        Epochs without a better validation log-loss before stopping.
     batch_size : int, default=256
     seed : int, default=0
     device : str, default="auto"
@@ -122,24 +155,32 @@ class FusionRiskModel(BaseEstimator):
     dims_ : dict str -> int
     history_ : list of dict
     best_epoch_ : int
+    l2_ : float
+        The L2 strength used (the grid's winner).
     calibrator_ : TemperatureScaling or IsotonicCalibration or None
         Set by :meth:`calibrate`; None until then (raw probabilities).
     """
 
     _parameter_constraints: ClassVar[dict[str, Any]] = {"calibration": ("temperature", "isotonic")}
 
-    def __init__(self, *, modalities: Sequence[str] = MODALITIES, hidden: int = 32,
+    def __init__(self, *, modalities: Sequence[str] = MODALITIES, hidden: int = 0,
                  dropout: float = 0.2, modality_dropout: float = 0.25, lr: float = 3e-3,
-                 weight_decay: float = 1e-2, max_epochs: int = 300, patience: int = 25,
-                 batch_size: int = 256, seed: int = 0, device: str = "auto",
-                 calibration: str = "temperature") -> None:
+                 weight_decay: float = 1e-2,
+                 l2: float | Sequence[float] = (0.003, 0.01, 0.03, 0.1),
+                 l2_dim_power: float = 0.5, max_epochs: int = 300,
+                 min_epochs: int = 20, patience: int = 25, batch_size: int = 256,
+                 seed: int = 0, device: str = "auto", calibration: str = "temperature"
+                 ) -> None:
         self.modalities = modalities
         self.hidden = hidden
         self.dropout = dropout
         self.modality_dropout = modality_dropout
         self.lr = lr
         self.weight_decay = weight_decay
+        self.l2 = l2
+        self.l2_dim_power = l2_dim_power
         self.max_epochs = max_epochs
+        self.min_epochs = min_epochs
         self.patience = patience
         self.batch_size = batch_size
         self.seed = seed
@@ -172,15 +213,56 @@ class FusionRiskModel(BaseEstimator):
         device = resolve_device(self.device)
         xs, ms = self._tensors(X, mask, len(y_arr))
         xv, mv = self._tensors(X_val, mask_val, len(y_val))
+        l2_grid = [float(v) for v in (self.l2 if isinstance(self.l2, Sequence) else [self.l2])]
+        if not l2_grid or min(l2_grid) < 0:
+            raise ValueError(f"l2 must be a non-negative float or a list of them, got {self.l2!r}")
+        fits = [self._fit_one(l2, xs, ms, xv, mv, y_arr, np.asarray(y_val, np.float32), device)
+                for l2 in l2_grid]
+        k = int(np.argmin([f[3] for f in fits]))
+        net, history, best_epoch, best = fits[k]
+        if len(l2_grid) > 1:
+            log.info("fusion: l2 %s chosen on validation log-loss (%s)", l2_grid[k],
+                     ", ".join(f"{v:g}: {f[3]:.4f}" for v, f in zip(l2_grid, fits, strict=True)))
+        self.net_ = net.to("cpu").eval()
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.l2_ = l2_grid[k]
+        self.calibrator_: Calibrator | None = None
+        log.info("fusion: best epoch %d, val loss %.4f", best_epoch, best)
+        return self
+
+    def _fit_one(self, l2: float, xs: dict[str, torch.Tensor], ms: torch.Tensor,
+                 xv: dict[str, torch.Tensor], mv: torch.Tensor, y_arr: np.ndarray,
+                 y_val: np.ndarray, device: torch.device
+                 ) -> tuple[FusionNet, list[dict[str, float]], int, float]:
+        """One training run at L2 strength ``l2``: (net at its best epoch, history, epoch, loss)."""
+        modalities = self.modalities_
         yt = torch.as_tensor(y_arr)
-        yv = torch.as_tensor(np.asarray(y_val, dtype=np.float32))
+        yv = torch.as_tensor(y_val)
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
         net = FusionNet(self.dims_, self.hidden, self.dropout).to(device)
         with torch.no_grad():  # start at the base rate: fewer epochs, a sane early stop
             rate = float(y_arr.mean())
             net.bias.fill_(math.log(rate / (1 - rate)))
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            for j, m in enumerate(modalities):  # standardise on the rows that have m
+                present = ms[:, j] > 0
+                if present.any():
+                    rows = xs[m][present].double()
+                    std = rows.std(dim=0, unbiased=False) if len(rows) > 1 else \
+                        torch.ones(rows.shape[1], dtype=torch.float64)
+                    branch = net.branches[m]
+                    assert isinstance(branch, Branch)
+                    branch.shift.copy_(rows.mean(dim=0).float())
+                    branch.scale.copy_(torch.where(std > 1e-6, std, 1.0).float())
+        linear = [p for n_, p in net.named_parameters() if ".linear.weight" in n_]
+        # Wider branches get a proportionally stronger penalty (d ** l2_dim_power), so a
+        # 770-wide note branch cannot outfit a 1-wide image branch on noise.
+        weights = [float(p.shape[1]) ** self.l2_dim_power for p in linear]
+        others = [p for n_, p in net.named_parameters() if ".linear.weight" not in n_]
+        opt = torch.optim.AdamW([{"params": linear, "weight_decay": 0.0},
+                                 {"params": others, "weight_decay": self.weight_decay}],
+                                lr=self.lr)
         loss_fn = nn.BCEWithLogitsLoss()
         xs_d = {m: v.to(device) for m, v in xs.items()}
         xv_d = {m: v.to(device) for m, v in xv.items()}
@@ -198,6 +280,9 @@ class FusionRiskModel(BaseEstimator):
                 batch = {m: v[idx] for m, v in xs_d.items()}
                 logit, _ = net(batch, ms_d[idx] * keep[idx])
                 loss = loss_fn(logit, yt_d[idx])
+                if l2 > 0:
+                    loss = loss + l2 * sum(c * (w * w).sum()
+                                           for c, w in zip(weights, linear, strict=True))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -215,15 +300,10 @@ class FusionRiskModel(BaseEstimator):
                                                        epoch, 0)
             else:
                 stale += 1
-                if stale >= self.patience:
+                if stale >= self.patience and epoch >= self.min_epochs:
                     break
         net.load_state_dict(best_state)
-        self.net_ = net.to("cpu").eval()
-        self.history_ = history
-        self.best_epoch_ = best_epoch
-        self.calibrator_: Calibrator | None = None
-        log.info("fusion: best epoch %d, val loss %.4f", best_epoch, best)
-        return self
+        return net, history, best_epoch, best
 
     def calibrate(self, X: Mapping[str, np.ndarray], y: np.ndarray,
                   mask: np.ndarray | None = None) -> FusionRiskModel:
@@ -328,7 +408,7 @@ class FusionRiskModel(BaseEstimator):
         params = {**self.get_params(deep=False), "modalities": list(self.modalities)}
         cal = getattr(self, "calibrator_", None)
         config = {"params": params, "modalities": list(self.modalities_), "dims": self.dims_,
-                  "best_epoch": self.best_epoch_,
+                  "best_epoch": self.best_epoch_, "l2": getattr(self, "l2_", None),
                   "calibrator": cal.to_dict() if cal is not None else None}
         return config, {k: v.detach().cpu().clone() for k, v in self.net_.state_dict().items()}
 

@@ -7,11 +7,20 @@ Networks (``network`` in the model config):
     (conv, batch norm, PReLU) and global average pooling, ~0.3 M parameters. The
     pooling keeps "how much of the volume looks like X", which is what a
     lesion-burden signal is; batch (not instance) norm keeps absolute intensity.
+``"burden"``
+    The CPU default: a lesion-burden network, ~200 parameters. The volume is
+    average-pooled by ``downsample`` (2: 32x64x64 becomes 16x32x32), a per-voxel
+    MLP of MONAI ``Convolution`` blocks (kernel 1, PReLU) maps each voxel to a few
+    non-negative "looks like X" scores, and the embedding is the log of their means
+    over the volume: "how much of the volume looks like X", the quantity a lesion
+    burden is, on a log scale. No normalisation layer, so absolute intensity (the
+    CT window) is kept, and no batch statistics make validation losses jump. An
+    epoch over 1,600 series of 32x64x64 takes ~10-25 s on 2 cores.
 ``"densenet121"``
     The GPU default: ``monai.networks.nets.DenseNet121`` with its classifier
     replaced by the embedding layer.
 ``"auto"``
-    densenet121 on CUDA, compact elsewhere.
+    densenet121 on CUDA, burden elsewhere.
 
 ``spatial_dims`` is 3 for CT/MR volumes (input ``(N, 1, X, Y, Z)``) and 2 for
 radiographs and PNG/JPEG images (``(N, 1, X, Y)``). ``pretrained_path`` loads a
@@ -41,12 +50,12 @@ from torch import nn
 
 from models.device import autocast, exact_math, resolve_device
 
-__all__ = ["NETWORKS", "CompactEncoder", "ImageEncoder", "ImageNetwork", "build_network",
-           "count_parameters"]
+__all__ = ["NETWORKS", "BurdenEncoder", "CompactEncoder", "ImageEncoder", "ImageNetwork",
+           "build_network", "count_parameters"]
 
 log = logging.getLogger(__name__)
 
-NETWORKS = ("compact", "densenet121", "auto")
+NETWORKS = ("burden", "compact", "densenet121", "auto")
 _INVALID_NETWORK = "Unrecognised image network {0!r}; choose from {1}"
 
 
@@ -68,6 +77,37 @@ class CompactEncoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x)
         return self.out(h.flatten(2).mean(dim=2))
+
+
+class BurdenEncoder(nn.Module):
+    """Average-pool, per-voxel MLP to ``maps`` non-negative scores, log of their means.
+
+    ``log(mean_v softplus(s_k(x_v)))`` never saturates (its gradient is scale-free),
+    so no score map can die during training the way a thresholded count would.
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, *,
+                 width: int = 8, maps: int = 4, downsample: int = 2) -> None:
+        super().__init__()
+        self.downsample = downsample
+        self.pool: nn.Module = (nn.AvgPool3d(downsample) if spatial_dims == 3
+                                else nn.AvgPool2d(downsample))
+        self.voxel = nn.Sequential(
+            Convolution(spatial_dims, in_channels, width, kernel_size=1, act="PRELU",
+                        norm=None),
+            Convolution(spatial_dims, width, maps, kernel_size=1, conv_only=True))
+        self.out = nn.Linear(maps, out_channels)
+        # Start with near-empty score maps (softplus(-5) ~ 0.007 per voxel): a burden
+        # detector should see the few voxels it raises, not a background-filled mean.
+        last = self.voxel[-1].conv
+        assert isinstance(last, nn.Conv2d | nn.Conv3d) and last.bias is not None
+        nn.init.constant_(last.bias, -5.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample > 1:
+            x = self.pool(x)
+        scores = nn.functional.softplus(self.voxel(x)).flatten(2).mean(dim=2)
+        return self.out(torch.log(scores + 1e-8))
 
 
 class ImageNetwork(nn.Module):
@@ -96,13 +136,15 @@ def build_network(network: str, *, spatial_dims: int, in_channels: int = 1,
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
     backbone: nn.Module
-    if network == "compact":
+    if network == "burden":
+        backbone = BurdenEncoder(spatial_dims, in_channels, embedding_dim)
+    elif network == "compact":
         backbone = CompactEncoder(spatial_dims, in_channels, embedding_dim)
     elif network == "densenet121":
         backbone = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels,
                                out_channels=embedding_dim)
     else:
-        raise ValueError(_INVALID_NETWORK.format(network, ["compact", "densenet121"]))
+        raise ValueError(_INVALID_NETWORK.format(network, ["burden", "compact", "densenet121"]))
     net = ImageNetwork(backbone, embedding_dim)
     if pretrained_path is not None:
         path = Path(pretrained_path)
@@ -127,7 +169,7 @@ class ImageEncoder(BaseEstimator):
 
     Parameters
     ----------
-    network : {"auto", "compact", "densenet121"}, default="auto"
+    network : {"auto", "burden", "compact", "densenet121"}, default="auto"
     spatial_dims : {2, 3}, default=3
     embedding_dim : int, default=64
     max_epochs : int, default=30
@@ -159,7 +201,7 @@ class ImageEncoder(BaseEstimator):
         "network": NETWORKS, "spatial_dims": (2, 3),
     }
 
-    def __init__(self, *, network: Literal["auto", "compact", "densenet121"] = "auto",
+    def __init__(self, *, network: Literal["auto", "burden", "compact", "densenet121"] = "auto",
                  spatial_dims: int = 3, embedding_dim: int = 64, max_epochs: int = 30,
                  patience: int = 5, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 1e-4, augment: bool = True, seed: int = 0,
@@ -207,7 +249,7 @@ class ImageEncoder(BaseEstimator):
                              "image encoder")
         device = resolve_device(self.device)
         name = self.network if self.network != "auto" else (
-            "densenet121" if device.type == "cuda" else "compact")
+            "densenet121" if device.type == "cuda" else "burden")
         torch.manual_seed(self.seed)
         net = build_network(name, spatial_dims=self.spatial_dims, in_channels=int(X.shape[1]),
                             embedding_dim=self.embedding_dim,
@@ -243,6 +285,7 @@ class ImageEncoder(BaseEstimator):
                     loss = loss_fn(logit.float(), y_t[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # no single batch blows up
                 opt.step()
                 sched.step()
                 total += float(loss.detach()) * len(idx)

@@ -30,9 +30,9 @@ from pipelines.imaging.preprocess import Preprocess, PreprocessConfig, Window
 from pipelines.imaging.volume import ImageError, Volume
 from pipelines.manifest import CohortManifest
 
-__all__ = ["DEFAULT_WINDOWS", "ImageTensors", "ModelDataError", "TabularEncoding",
-           "embed_notes", "image_logits", "load_images", "preprocess_config",
-           "spatial_dims_of"]
+__all__ = ["DEFAULT_WINDOWS", "NOTE_POOLINGS", "ImageTensors", "ModelDataError",
+           "TabularEncoding", "embed_notes", "image_logits", "load_images", "note_input_dim",
+           "preprocess_config", "spatial_dims_of"]
 
 log = logging.getLogger(__name__)
 
@@ -247,9 +247,25 @@ def image_logits(encoders: Sequence[Any], hashes: Sequence[str], images: ImageTe
 # -------------------------------------------------------------------------- notes
 
 
-def embed_notes(embedder: Any, notes: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled vectors (n, d), present (n,)); a note with no sentence counts as absent."""
-    dim = int(embedder.encoder.dim)
+#: How a note's sentence vectors become the fusion input (``notes.pooling``).
+NOTE_POOLINGS = ("negation", "mean")
+
+
+def note_input_dim(encoder_dim: int, pooling: str) -> int:
+    """Width of the note input: ``d`` for mean pooling, ``2 d + 2`` for negation pooling."""
+    if pooling not in NOTE_POOLINGS:
+        raise ValueError(f"notes pooling must be one of {list(NOTE_POOLINGS)}, got {pooling!r}")
+    return encoder_dim if pooling == "mean" else 2 * encoder_dim + 2
+
+
+def embed_notes(embedder: Any, notes: Sequence[str | None], pooling: str = "mean"
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled vectors (n, width), present (n,)); a note with no sentence counts as absent.
+
+    ``pooling="mean"`` is :func:`~models.note_encoder.pool`; ``"negation"`` is
+    :func:`~pipelines.notes.negation_pool` (affirmed and negated sentences apart).
+    """
+    dim = note_input_dim(int(embedder.encoder.dim), pooling)
     present_idx = [i for i, n in enumerate(notes) if n is not None and n.strip()]
     out = np.zeros((len(notes), dim), dtype=np.float32)
     present = np.zeros(len(notes), dtype=bool)
@@ -257,7 +273,7 @@ def embed_notes(embedder: Any, notes: Sequence[str | None]) -> tuple[np.ndarray,
         embedded = embedder.embed_many([notes[i] for i in present_idx])
         for i, e in zip(present_idx, embedded, strict=True):
             if not e.is_empty:
-                out[i] = e.pooled
+                out[i] = e.pooled if pooling == "mean" else e.pool_negation()
                 present[i] = True
     return out, present
 

@@ -8,6 +8,11 @@
   re-embedding a cohort only encodes sentences it has never seen.
 - :func:`pool` (from :mod:`models.note_encoder`) is the mean over sentence
   embeddings; explanations occlude sentences by pooling a subset.
+- :func:`is_negated` flags sentences whose finding is negated ("Denies chills.",
+  "No shortness of breath."), NegEx-style; :func:`negation_pool` pools affirmed
+  and negated sentences separately. A mean-pooled sentence encoder barely tells
+  "Denies chills." from "Endorses chills.", so the fusion model reads notes through
+  this split representation (``notes.pooling = "negation"``, the default).
 
 Several notes per example: pass a list of notes. Their sentences are concatenated
 in order (``NoteEmbedding.note_index`` says which note each came from) and pooled
@@ -35,6 +40,8 @@ __all__ = [
     "SentenceEmbeddingCache",
     "fit_note_encoder",
     "fit_to_window",
+    "is_negated",
+    "negation_pool",
     "pool",
     "split_sentences",
 ]
@@ -238,6 +245,82 @@ def fit_note_encoder(encoder: NoteEncoder, train_notes: Iterable[str]) -> NoteEn
     return encoder
 
 
+# ---------------------------------------------------------------------- negation
+
+#: NegEx-style negation cues (Chapman et al. 2001, abridged): a cue before the
+#: finding negates the rest of the sentence.
+NEGATION_CUES: tuple[str, ...] = (
+    "no", "not", "denies", "denied", "deny", "denying", "without", "negative for",
+    "never", "absence of", "free of", "rules out", "ruled out", "no evidence of",
+    "no signs of", "no sign of", "resolved", "none",
+)
+#: Pseudo-negations: contain a cue but negate nothing ("no change in", "not only").
+PSEUDO_NEGATIONS: tuple[str, ...] = (
+    "no change", "no increase", "no further", "not only", "not certain if",
+    "not necessarily", "without difficulty", "gram negative", "no interval change",
+)
+
+
+def _phrase_pattern(phrases: Sequence[str]) -> re.Pattern[str]:
+    alternatives = sorted((re.escape(p).replace(r"\ ", r"\s+") for p in phrases), key=len,
+                          reverse=True)
+    return re.compile(rf"\b(?:{'|'.join(alternatives)})\b", re.IGNORECASE)
+
+
+_NEGATION = _phrase_pattern(NEGATION_CUES)
+_PSEUDO = _phrase_pattern(PSEUDO_NEGATIONS)
+
+
+def is_negated(sentence: str) -> bool:
+    """Whether ``sentence`` negates its finding (NegEx-style cue detection).
+
+    A negation cue ("no", "denies", "without", "negative for", ...) anywhere in the
+    sentence negates it, unless the cue is part of a pseudo-negation ("no change",
+    "not only"). Section headers ("Subjective: Denies chills.") do not matter.
+
+    Examples
+    --------
+    >>> [is_negated(s) for s in ("Denies chills.", "No shortness of breath.",
+    ...                          "Reports shaking chills overnight.", "No change in cough.")]
+    [True, True, False, False]
+    """
+    return _NEGATION.search(_PSEUDO.sub(" ", sentence)) is not None
+
+
+def negation_pool(sentence_embeddings: np.ndarray, negated: np.ndarray,
+                  keep_mask: np.ndarray | None = None) -> np.ndarray:
+    """``[sum affirmed, sum negated, n affirmed, n negated]``, shape ``(2 d + 2,)``.
+
+    Sums, not means: each affirmed finding adds its own evidence, whatever else the
+    notes say (a mean would let routine filler sentences dilute it). Occlusion works
+    as with :func:`pool`: a sentence dropped by ``keep_mask`` leaves its pool and
+    its count.
+
+    Parameters
+    ----------
+    sentence_embeddings : ndarray of shape (n, d)
+    negated : ndarray of bool, shape (n,)
+        :func:`is_negated` of each sentence.
+    keep_mask : ndarray of bool, shape (n,), optional
+        Sentences to keep; all when omitted.
+    """
+    emb = np.asarray(sentence_embeddings)
+    if emb.ndim != 2:
+        raise ValueError(f"sentence_embeddings must be 2-D (n, d), got shape {emb.shape}")
+    neg = np.asarray(negated)
+    if neg.dtype != np.bool_ or neg.shape != (emb.shape[0],):
+        raise ValueError(f"negated must be a bool array of shape ({emb.shape[0]},), got "
+                         f"{neg.dtype} of shape {neg.shape}")
+    keep = np.ones(emb.shape[0], dtype=bool) if keep_mask is None else np.asarray(keep_mask)
+    if keep.dtype != np.bool_ or keep.shape != (emb.shape[0],):
+        raise ValueError(f"keep_mask must be a bool array of shape ({emb.shape[0]},), got "
+                         f"{keep.dtype} of shape {keep.shape}")
+    affirmed, negative = keep & ~neg, keep & neg
+    return np.concatenate([emb[affirmed].sum(axis=0, dtype=np.float64),
+                           emb[negative].sum(axis=0, dtype=np.float64),
+                           [affirmed.sum(), negative.sum()]]).astype(np.float32)
+
+
 # ------------------------------------------------------------------------- cache
 
 
@@ -310,6 +393,8 @@ class NoteEmbedding:
     encoder_name : str
     pooled : ndarray of shape (d,), float32
         ``pool(sentence_embeddings)``: zeros when there is no sentence.
+    negated : ndarray of shape (n,), bool
+        :func:`is_negated` of each sentence.
     """
 
     sentences: list[str]
@@ -317,9 +402,12 @@ class NoteEmbedding:
     note_index: np.ndarray
     encoder_name: str
     pooled: np.ndarray = field(init=False)
+    negated: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pooled", pool(self.sentence_embeddings))
+        object.__setattr__(self, "negated",
+                           np.array([is_negated(s) for s in self.sentences], dtype=bool))
 
     @property
     def is_empty(self) -> bool:
@@ -329,6 +417,10 @@ class NoteEmbedding:
     def pool(self, keep_mask: np.ndarray | None = None) -> np.ndarray:
         """Pooled vector over the kept sentences only, without re-encoding."""
         return pool(self.sentence_embeddings, keep_mask)
+
+    def pool_negation(self, keep_mask: np.ndarray | None = None) -> np.ndarray:
+        """:func:`negation_pool` over the kept sentences only, without re-encoding."""
+        return negation_pool(self.sentence_embeddings, self.negated, keep_mask)
 
 
 Notes = str | Sequence[str]

@@ -118,7 +118,8 @@ class LoadedModel:
         note_present = np.zeros(n, dtype=bool)
         if self.note_encoder is not None:
             embedder = NoteEmbedder(self.note_encoder, cache_dir / "notes")
-            X["note"], note_present = embed_notes(embedder, manifest.notes())
+            X["note"], note_present = embed_notes(embedder, manifest.notes(),
+                                                  str(self.config.get("note_pooling", "mean")))
         paths = manifest.image_paths()
         has_image = np.array([p is not None for p in paths], dtype=bool)
         if self.image is not None and self.preprocess is not None:

@@ -174,6 +174,14 @@ def _audit_threshold(choice: str, scores: Path) -> float | str:
     return next((h for h in header if h.startswith("threshold_")), "threshold")
 
 
+def _explain(args: argparse.Namespace) -> int:
+    from pipelines.explain import main_explain
+
+    return main_explain(args.model, args.manifest, args.out, example_id=args.example,
+                        patient_id=args.patient, trusted_keys=args.trusted_key,
+                        device=args.device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -256,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trusted-key", action="append", default=None)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=_score)
+
+    p = sub.add_parser("explain", help="explain one prediction: modality Shapley values, EHR "
+                                       "SHAP, image saliency, note sentences, FHIR "
+                                       "RiskAssessment")
+    p.add_argument("--model", required=True)
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--example", default=None, help="example_id")
+    which.add_argument("--patient", default=None, help="patient_id: explains the latest example")
+    p.add_argument("--trusted-key", action="append", default=None)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_explain)
 
     p = sub.add_parser("audit", help="fairness audit of a score table; `audit compare A B` "
                                      "shows what changed between two audits")

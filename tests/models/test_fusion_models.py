@@ -160,13 +160,24 @@ def test_compact_image_network_is_small() -> None:
         build_network("compact", spatial_dims=3, pretrained_path="/nonexistent/weights.pt")
 
 
-def test_image_encoder_learns_a_brightness_signal() -> None:
+def test_burden_image_network_is_tiny_and_measures_how_much_is_bright() -> None:
+    net = build_network("burden", spatial_dims=3, embedding_dim=16)
+    assert count_parameters(net) <= 1_000
+    emb, logit = net(torch.zeros(2, 1, 64, 64, 32))
+    assert emb.shape == (2, 16) and logit.shape == (2,)
+    emb2, _ = build_network("burden", spatial_dims=2, embedding_dim=8)(torch.zeros(2, 1, 32, 32))
+    assert emb2.shape == (2, 8)
+
+
+@pytest.mark.parametrize("network", ["burden", "compact"])
+def test_image_encoder_learns_a_brightness_signal(network: str) -> None:
     gen = torch.Generator().manual_seed(0)
     n = 160
     y = (torch.rand(n, generator=gen) < 0.4).long()
     x = torch.rand(n, 1, 16, 16, 8, generator=gen) * 0.2
     x[:, :, 4:10, 4:10, 2:6] += 0.6 * y.view(n, 1, 1, 1, 1)  # a "lesion" in positives
-    enc = ImageEncoder(max_epochs=6, patience=3, batch_size=16, device="cpu", seed=0)
+    enc = ImageEncoder(network=network, max_epochs=6, patience=3, batch_size=16, device="cpu",
+                       seed=0)
     enc.fit(x[:120].half(), y[:120].numpy(), x[120:].half(), y[120:].numpy())
     from sklearn.metrics import roc_auc_score
 

@@ -16,6 +16,8 @@ from pipelines.notes import (
     SentenceEmbeddingCache,
     fit_note_encoder,
     fit_to_window,
+    is_negated,
+    negation_pool,
     pool,
     split_sentences,
 )
@@ -287,3 +289,45 @@ def test_tfidf_end_to_end_fits_on_training_notes_only(tmp_path: Path) -> None:
     # A pretrained encoder is left as it is.
     fake = HashEncoder()
     assert fit_note_encoder(fake, train) is fake and fake.calls == []
+
+
+@pytest.mark.parametrize("sentence", [
+    "Denies chills.", "No shortness of breath.", "No chills or rigors.",
+    "No confusion; alert and oriented.", "Denies nausea or vomiting.",
+    "No poor oral intake reported.", "Subjective: Denies lightheadedness.",
+    "Patient denied any chest pain.", "Negative for fever.", "Without dysuria.",
+    "She does not report headache.", "No evidence of pneumonia on imaging.",
+])
+def test_negated_findings(sentence: str) -> None:
+    assert is_negated(sentence)
+
+
+@pytest.mark.parametrize("sentence", [
+    "Reports shaking chills overnight.", "Short of breath with minimal exertion.",
+    "Confused this morning, oriented to self only.", "Poor oral intake.",
+    "Family reports new confusion.", "Endorses chest pain at rest.",
+    "Subjective: Reports nausea after meals.", "No change in cough since admission.",
+    "Ambulating without difficulty.", "Gram negative rods in blood cultures.",
+    "Notable for diffuse wheeze.", "Nothing by mouth after midnight is advised.",
+])
+def test_affirmed_findings_and_pseudo_negations(sentence: str) -> None:
+    assert not is_negated(sentence)
+
+
+def test_negation_pool_sums_each_side_and_occludes() -> None:
+    emb = NoteEmbedder(HashEncoder()).embed(
+        "Reports chills. Denies chest pain. Poor oral intake. No nausea.")
+    assert emb.negated.tolist() == [False, True, False, True]
+    out = emb.pool_negation()
+    e = emb.sentence_embeddings
+    assert out.shape == (2 * 8 + 2,)
+    np.testing.assert_allclose(out[:8], e[0] + e[2], rtol=1e-6)
+    np.testing.assert_allclose(out[8:16], e[1] + e[3], rtol=1e-6)
+    assert out[16:].tolist() == [2.0, 2.0]
+    keep = np.array([True, True, False, True])  # occlude "Poor oral intake."
+    np.testing.assert_allclose(emb.pool_negation(keep)[:8], e[0], rtol=1e-6)
+    assert emb.pool_negation(keep)[16:].tolist() == [1.0, 2.0]
+    empty = negation_pool(np.zeros((0, 8), np.float32), np.zeros(0, bool))
+    assert empty.shape == (18,) and not empty.any()
+    with pytest.raises(ValueError, match="negated must be a bool array"):
+        negation_pool(e, np.zeros(4, int))
