@@ -1,8 +1,9 @@
-"""The demo job: a synthetic cohort, ingested into the embedded store, turned into features.
+"""The demo job: a synthetic cohort through every pipeline that exists so far.
 
-Until the service exists this is the whole pipeline that does: synthesise,
-ingest FHIR and HL7 v2 into SQLite, build the as-of feature table and check it
-against the cohort manifest.
+Until the service exists this is the whole pipeline: synthesise, ingest FHIR and
+HL7 v2 into SQLite, build the as-of feature table and check it against the cohort
+manifest, then train a signed demo model, score the cohort, explain one patient
+and run a fairness audit.
 """
 
 from __future__ import annotations
@@ -67,5 +68,32 @@ def run_demo(out: Path, *, patients: int = 300, seed: int = 7) -> pd.DataFrame:
                          "FHIR feature builder")
     log.info("feature table (%d x %d) matches the manifest; written to %s", len(table),
              len(table.columns) - 1, out / "features.csv")
+    _model_demo(out, cohort, records[0].patient_id if records else None)
     log.info("demo finished in %.1f s", time.perf_counter() - started)
     return table
+
+
+def _model_demo(out: Path, cohort: Path, patient_id: str | None) -> None:
+    """Train, score, explain one patient and audit, on the demo cohort (in-sample: a demo)."""
+    from audits.cli import main_audit
+    from pipelines.explain import main_explain
+    from pipelines.scoring import main_score
+    from pipelines.training import main_train
+
+    manifest, model = cohort / "manifest.csv", out / "model"
+    key = Path(f"{model}.key.pub")
+    if not model.exists() and main_train(manifest, model, seed=0) != 0:
+        raise ValueError("demo model training failed (see above)")
+    scores = out / "scores.csv"
+    if main_score(model, manifest, scores, trusted_keys=[key]) != 0:
+        raise ValueError("demo scoring failed (see above)")
+    if patient_id is not None and main_explain(model, manifest, out / "explanation",
+                                               patient_id=patient_id,
+                                               trusted_keys=[key]) != 0:
+        raise ValueError("demo explanation failed (see above)")
+    if main_audit(scores, None, out / "audits", manifest_sidecar=cohort / "manifest.yaml",
+                  n_boot=200, threshold="threshold_high_risk") != 0:
+        raise ValueError("demo audit failed (see above)")
+    log.info("demo model %s, scores %s, explanation %s, audits %s (scores are in-sample: "
+             "this shows the pipeline, not the model's performance; see docs/evaluation)",
+             model, scores, out / "explanation", out / "audits")
