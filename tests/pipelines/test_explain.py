@@ -33,11 +33,9 @@ from pipelines.scoring import load_model
 from pipelines.synth import generate_cohort
 from pipelines.training import train
 from tests.pipelines.png_cohort import write_png_cohort
+from tests.pipelines.training_config import small_training_config
 
-SMALL = {"notes": {"encoder": "tfidf"}, "workers": 1, "device": "cpu",
-         "image": {"spatial_size": [32, 32, 8], "spatial_size_2d": [32, 32], "max_epochs": 6,
-                   "patience": 3, "batch_size": 16},
-         "fusion": {"max_epochs": 150, "patience": 20}}
+SMALL = small_training_config(image_epochs=6)
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from scripts.orthanc import OrthancServer, ensure_installed, running_orthanc
 from scripts.pg_cluster import free_port
 from services.app import create_app
 from services.core.config import Settings
+from services.db import make_engine, migrate, session_factory
 from services.dicom_store import DicomStore
 from services.dimse import (
     DimseError,
@@ -143,12 +144,23 @@ def orthanc_pixels(orthanc: OrthancServer, sop_uid: str) -> np.ndarray:
     return pixels(orthanc_call(orthanc, f"/instances/{instance['ID']}/file"))
 
 
-def assert_same_pixels_in_clinfuse(clinfuse: Clinfuse, files: list[Path]) -> None:
+def assert_same_pixels(store: DicomStore, files: list[Path]) -> None:
     for path in files:
         uid = str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-        rows = clinfuse.store.find(SOPInstanceUID=uid)
+        rows = store.find(SOPInstanceUID=uid)
         assert rows, f"{path.name} did not arrive in clinfuse"
-        assert np.array_equal(pixels(clinfuse.store.read_bytes(rows[0])), pixels(path))
+        assert np.array_equal(pixels(store.read_bytes(rows[0])), pixels(path))
+
+
+def assert_same_pixels_in_clinfuse(clinfuse: Clinfuse, files: list[Path]) -> None:
+    assert_same_pixels(clinfuse.store, files)
+
+
+def empty_store(root: Path) -> DicomStore:
+    """A separate store, so a fetch test sees only what it fetched."""
+    engine = make_engine(f"sqlite:///{root / 'index.db'}")
+    migrate(engine)
+    return DicomStore(root / "instances", session_factory(engine))
 
 
 def test_orthanc_to_clinfuse_by_c_store(pacs: tuple[Clinfuse, OrthancServer]) -> None:
@@ -207,18 +219,12 @@ def test_c_get_into_clinfuse(pacs: tuple[Clinfuse, OrthancServer], tmp_path: Pat
     _, orthanc = pacs
     files = sources()[:1]
     upload_to_orthanc(orthanc, files)
-    from services.db import make_engine, migrate, session_factory
-
-    engine = make_engine(f"sqlite:///{tmp_path / 'get.db'}")
-    migrate(engine)
-    store = DicomStore(tmp_path / "get", session_factory(engine))
+    store = empty_store(tmp_path)
     study = str(pydicom.dcmread(files[0]).StudyInstanceUID)
     results = get_study(Peer("127.0.0.1", orthanc.dicom_port, orthanc.ae_title), study, store,
                         calling_aet="TESTSCU")
     assert results and all(r.ok for r in results)
-    uid = str(pydicom.dcmread(files[0]).SOPInstanceUID)
-    assert np.array_equal(pixels(store.read_bytes(store.find(SOPInstanceUID=uid)[0])),
-                          pixels(files[0]))
+    assert_same_pixels(store, files)
 
 
 def test_wado_from_orthanc_into_clinfuse(pacs: tuple[Clinfuse, OrthancServer],
@@ -226,18 +232,11 @@ def test_wado_from_orthanc_into_clinfuse(pacs: tuple[Clinfuse, OrthancServer],
     _, orthanc = pacs
     files = sources()[:4]
     upload_to_orthanc(orthanc, files)
-    from services.db import make_engine, migrate, session_factory
-
-    engine = make_engine(f"sqlite:///{tmp_path / 'wado.db'}")
-    migrate(engine)
-    store = DicomStore(tmp_path / "wado", session_factory(engine))
+    store = empty_store(tmp_path)
     patient_id = str(pydicom.dcmread(files[0]).PatientID)
     results = fetch_dicomweb(orthanc.dicomweb_url, patient_id, store)
     assert len(results) >= 4 and all(r.ok for r in results)
-    for path in files[:4]:
-        uid = str(pydicom.dcmread(path).SOPInstanceUID)
-        rows = store.find(SOPInstanceUID=uid)
-        assert np.array_equal(pixels(store.read_bytes(rows[0])), pixels(path))
+    assert_same_pixels(store, files)
 
 
 def test_unknown_calling_ae_is_rejected(pacs: tuple[Clinfuse, OrthancServer]) -> None:
