@@ -22,6 +22,7 @@ from pydicom.data import get_testdata_file
 from scripts.orthanc import ensure_installed, running_orthanc
 from scripts.pg_cluster import free_port
 from services.app import create_app
+from services.auth.principal import Role
 from services.core.config import Settings
 from services.dicomweb import build_multipart
 from services.dimse import Peer, StoreSCP, send_instances
@@ -69,9 +70,10 @@ def run(quick: bool = False) -> dict[str, Any]:
     settings = Settings(database_url=f"sqlite:///{root / 'stow.db'}", data_dir=root / "stow",
                         max_upload_bytes=1 << 30)
     app = create_app(settings)
+    token = app.state.local_issuer.issue("bench", Role.integration)
     server, thread = _serve(app, port)
     try:
-        with httpx.Client(timeout=120) as client:
+        with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:
             started = time.perf_counter()
             for i in range(0, n, batch):
                 content_type, chunks = build_multipart(instances[i:i + batch])

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from scripts.pg_cluster import free_port
 
@@ -50,13 +51,13 @@ def ensure_installed() -> None:
 
 @contextmanager
 def running_orthanc(modalities: dict[str, tuple[str, str, int]] | None = None,
-                    dicomweb_servers: dict[str, str] | None = None,
+                    dicomweb_servers: dict[str, str | dict[str, Any]] | None = None,
                     ae_title: str = "ORTHANC") -> Iterator[OrthancServer]:
     """Start Orthanc with a private config and storage; yield where to reach it.
 
     ``modalities`` maps a name to (AE title, host, port): the peers Orthanc may
     C-STORE and C-MOVE to. ``dicomweb_servers`` maps a name to a DICOMweb root URL
-    Orthanc may STOW to.
+    Orthanc may STOW to, or to the plugin's object form (``Url``, ``HttpHeaders``...).
     """
     if not ORTHANC_BIN.exists():
         raise RuntimeError(f"{ORTHANC_BIN} not found; install orthanc and orthanc-dicomweb")
@@ -80,7 +81,8 @@ def running_orthanc(modalities: dict[str, tuple[str, str, int]] | None = None,
         "Plugins": [str(PLUGINS_DIR)],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True,
                      "Host": f"127.0.0.1:{http_port}", "Ssl": False,
-                     "Servers": {name: [url] for name, url in (dicomweb_servers or {}).items()}},
+                     "Servers": {name: url if isinstance(url, dict) else [url]
+                                 for name, url in (dicomweb_servers or {}).items()}},
         "HttpTimeout": 60,
         "StableAge": 1,
     }

@@ -8,7 +8,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from services.api.routes import dicomweb
+from services.access_log import AccessLog
+from services.api.access import AccessLogMiddleware
+from services.api.errors import install_error_handlers
+from services.api.routes import auth, dicomweb
+from services.auth.tokens import (
+    LocalIssuer,
+    TokenVerifier,
+    TrustedIssuer,
+    jwks_from_file,
+    jwks_from_url,
+)
 from services.core.config import Settings, get_settings
 from services.db import make_engine, migrate, session_factory
 from services.dicom_store import DicomStore
@@ -17,9 +27,35 @@ from services.dimse import StoreSCP
 log = logging.getLogger(__name__)
 
 
+def build_token_verifier(settings: Settings, local: LocalIssuer | None) -> TokenVerifier:
+    """Trust the hospital's issuer (if configured) and the built-in one (if enabled)."""
+    issuers: list[TrustedIssuer] = []
+    if settings.auth_issuer:
+        if settings.auth_jwks_url:
+            issuers.append(TrustedIssuer(settings.auth_issuer,
+                                         jwks_from_url(settings.auth_jwks_url)))
+        elif settings.auth_jwks_file:
+            issuers.append(TrustedIssuer(settings.auth_issuer,
+                                         jwks_from_file(settings.auth_jwks_file)))
+        else:
+            raise ValueError("CLINFUSE_AUTH_ISSUER is set but neither CLINFUSE_AUTH_JWKS_URL "
+                             "nor CLINFUSE_AUTH_JWKS_FILE says where its keys are")
+    if local is not None:
+        issuers.append(local.trusted())
+    if not issuers:
+        raise ValueError("no token issuer is trusted: set CLINFUSE_AUTH_ISSUER and its JWKS, "
+                         "or enable the built-in issuer (CLINFUSE_AUTH_BUILTIN_ISSUER=true)")
+    return TokenVerifier(issuers, audience=settings.auth_audience,
+                         role_claim=settings.auth_role_claim)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the database is migrated and the stores opened at start-up."""
     settings = settings or get_settings()
+    local = (LocalIssuer(settings.keys_dir / "builtin-issuer-es384.pem",
+                         settings.auth_builtin_issuer_id, settings.auth_audience)
+             if settings.builtin_issuer_enabled else None)
+    verifier = build_token_verifier(settings, local)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -28,6 +64,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
         app.state.dicom_store = DicomStore(settings.dicom_storage_dir, app.state.sessions)
+        app.state.access_log = AccessLog(
+            app.state.sessions, settings.keys_dir / "access-log-ed25519.pem",
+            checkpoint_every=settings.access_log_checkpoint_every,
+            checkpoint_interval_s=settings.access_log_checkpoint_interval_s)
         scp = None
         if settings.dicom_scp_enabled:
             scp = StoreSCP(app.state.dicom_store, ae_title=settings.dicom_ae_title,
@@ -39,11 +79,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         if scp is not None:
             scp.stop()
+        app.state.access_log.checkpoint()
         engine.dispose()
 
     app = FastAPI(title="clinfuse", version="0.1.0", lifespan=lifespan,
                   description="Clinical multimodal decision support. Not validated for "
                               "clinical use.")
     app.state.settings = settings
+    app.state.local_issuer = local
+    app.state.token_verifier = verifier
+    install_error_handlers(app)
+    app.add_middleware(AccessLogMiddleware)
+    app.include_router(auth.router)
     app.include_router(dicomweb.router)
     return app

@@ -6,7 +6,17 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, String, UniqueConstraint
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -57,3 +67,176 @@ class DicomInstanceRow(Base):
     #: Study/series-level attributes kept for QIDO, as DICOM JSON.
     attributes: Mapped[dict[str, Any]] = mapped_column(JSON)
     stored_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class PatientIdentifierRow(Base):
+    """Every business identifier that names a patient; a merge (ADT^A40) repoints them."""
+
+    __tablename__ = "patient_identifiers"
+    __table_args__ = (UniqueConstraint("system", "value"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"),
+                                            index=True)
+    system: Mapped[str] = mapped_column(String(512))
+    value: Mapped[str] = mapped_column(String(256))
+
+
+class FhirResourceRow(Base):
+    """One ingested FHIR resource, keyed by identity; the patient's record is built from these.
+
+    ``identity`` is the resource's business identifier (system|value) or, failing that, its
+    id in the sending system, so ingesting the same content twice changes nothing.
+    """
+
+    __tablename__ = "fhir_resources"
+    __table_args__ = (UniqueConstraint("resource_type", "identity"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    patient_id: Mapped[str | None] = mapped_column(
+        ForeignKey("patients.id", ondelete="CASCADE"), index=True)
+    resource_type: Mapped[str] = mapped_column(String(64))
+    identity: Mapped[str] = mapped_column(String(800))
+    content_sha256: Mapped[str] = mapped_column(String(64))
+    #: active | entered-in-error | cancelled: only active resources enter the record.
+    status: Mapped[str] = mapped_column(String(32), default="active")
+    resource: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(32))  # fhir | ndjson | hl7v2 | cds-prefetch
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now,
+                                                 onupdate=_now)
+
+
+class PredictionRow(Base):
+    """One risk prediction with its explanation and the RiskAssessment it was answered as."""
+
+    __tablename__ = "predictions"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    patient_id: Mapped[str] = mapped_column(ForeignKey("patients.id", ondelete="CASCADE"),
+                                            index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now,
+                                                 index=True)
+    index_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64), index=True)
+    probability: Mapped[float | None] = mapped_column(Float)
+    #: Why no score was given (out of population, no input); None when scored.
+    refusal: Mapped[str | None] = mapped_column(Text)
+    #: {"name": {"threshold": t, "flag": bool}} from the model's decision thresholds.
+    decisions: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    modalities: Mapped[str] = mapped_column(String(64))  # e.g. "image+ehr+note"
+    explanation: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    risk_assessment: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Audit attributes copied at prediction time (sex, race, ethnicity, age_band, ...).
+    attributes: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    source: Mapped[str] = mapped_column(String(32))  # fhir | cds-hooks | job | dashboard
+    cds_card_uuid: Mapped[str | None] = mapped_column(String(64), unique=True)
+    requested_by: Mapped[str | None] = mapped_column(String(256))
+
+
+class FeedbackRow(Base):
+    """A clinician's verdict on a prediction, in CDS Hooks' feedback terms."""
+
+    __tablename__ = "feedback"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    prediction_id: Mapped[str] = mapped_column(
+        ForeignKey("predictions.id", ondelete="CASCADE"), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # accepted | overridden
+    override_reason: Mapped[dict[str, Any] | None] = mapped_column(JSON)  # Coding
+    user_comment: Mapped[str | None] = mapped_column(Text)
+    outcome_timestamp: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    recorded_by: Mapped[str] = mapped_column(String(256))
+    channel: Mapped[str] = mapped_column(String(32))  # cds-hooks | dashboard
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class AuditRow(Base):
+    """A stored fairness audit: its JSON report, HTML and PDF renderings."""
+
+    __tablename__ = "audits"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now,
+                                                 index=True)
+    run_by: Mapped[str] = mapped_column(String(256))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    window_start: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    window_end: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    data_fingerprint: Mapped[str] = mapped_column(String(64))
+    report: Mapped[dict[str, Any]] = mapped_column(JSON)
+    html: Mapped[str] = mapped_column(Text)
+    pdf: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JobRow(Base):
+    """A durable background job; a lease makes a crashed worker's job runnable again."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
+    kind: Mapped[str] = mapped_column(String(64), index=True)
+    #: One queued job per (kind, dedupe_key): re-ingest does not enqueue twice.
+    dedupe_key: Mapped[str | None] = mapped_column(String(256))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|done|failed
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class AccessLogRow(Base):
+    """One access to patient data; each row's hash covers the previous row's hash."""
+
+    __tablename__ = "access_log"
+
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    subject: Mapped[str] = mapped_column(String(256))
+    role: Mapped[str] = mapped_column(String(32))
+    action: Mapped[str] = mapped_column(String(64))  # e.g. read, write, predict, export
+    resource: Mapped[str] = mapped_column(String(512))  # route or resource type, no values
+    patient_id: Mapped[str | None] = mapped_column(String(32), index=True)
+    purpose: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[int] = mapped_column(Integer)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AccessLogCheckpointRow(Base):
+    """A signed checkpoint of the access-log chain head; catches a truncated tail."""
+
+    __tablename__ = "access_log_checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    head_hash: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    key_id: Mapped[str] = mapped_column(String(64))
+    signature: Mapped[str] = mapped_column(String(256))  # base64 Ed25519
+
+
+class UserRow(Base):
+    """A local user of the embedded demo issuer (hospitals use their own identity provider)."""
+
+    __tablename__ = "users"
+
+    username: Mapped[str] = mapped_column(String(128), primary_key=True)
+    password_hash: Mapped[str] = mapped_column(String(256))  # argon2id
+    role: Mapped[str] = mapped_column(String(32))
+    display_name: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ClientRow(Base):
+    """A SMART Backend Services client: its public JWKS authenticates its token requests."""
+
+    __tablename__ = "clients"
+
+    client_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(32))
+    jwks: Mapped[dict[str, Any]] = mapped_column(JSON)
+    scope: Mapped[str] = mapped_column(String(512))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)

@@ -1,11 +1,17 @@
-"""Request dependencies: settings, the DICOM store, size-limited bodies."""
+"""Request dependencies: settings, database session, the caller, the access log."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
 
+from services.access_log import AccessLog
+from services.auth.principal import Principal, Role
+from services.auth.tokens import AuthError, TokenVerifier
 from services.core.config import Settings
 from services.dicom_store import DicomStore
 
@@ -20,8 +26,68 @@ def get_dicom_store(request: Request) -> DicomStore:
     return store
 
 
+def get_session(request: Request) -> Iterator[Session]:
+    """One transaction per request: committed when the route returns, else rolled back."""
+    session: Session = request.app.state.sessions()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DicomStoreDep = Annotated[DicomStore, Depends(get_dicom_store)]
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False, description="A JWT from the hospital's identity "
+                     "provider or the built-in issuer (POST /auth/token).")
+
+
+def get_principal(request: Request,
+                  credentials: Annotated[HTTPAuthorizationCredentials | None,
+                                         Depends(_bearer)]) -> Principal:
+    """The verified caller; 401 without a valid bearer token."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise AuthError(401, "a bearer token is required", error="invalid_request")
+    verifier: TokenVerifier = request.app.state.token_verifier
+    principal = verifier.verify(credentials.credentials)
+    request.state.principal = principal
+    return principal
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require(*roles: Role) -> Any:
+    """A dependency admitting ``roles`` (and admin, who may do everything); 403 otherwise."""
+    allowed = frozenset(roles) | {Role.admin}
+
+    def check(principal: PrincipalDep) -> Principal:
+        if principal.role not in allowed:
+            raise AuthError(403, f"the {principal.role.value} role may not use this route",
+                            error="insufficient_scope")
+        return principal
+
+    check.__name__ = "require_" + "_".join(sorted(r.value for r in allowed))
+    return Depends(check)
+
+
+def get_access_log(request: Request) -> AccessLog:
+    log: AccessLog = request.app.state.access_log
+    return log
+
+
+AccessLogDep = Annotated[AccessLog, Depends(get_access_log)]
+
+
+def purpose_of_use(request: Request) -> str | None:
+    """The caller's stated purpose of use (HL7 PurposeOfUse code), if any."""
+    value = request.headers.get("x-purpose-of-use")
+    return value[:128] if value else None
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:

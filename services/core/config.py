@@ -32,9 +32,51 @@ class Settings(BaseSettings):
     #: Calling AE titles allowed to associate; empty means none is allowed.
     dicom_allowed_aets: list[str] = []
 
+    #: The model artifact served; None serves no predictions (ingest and PACS still work).
+    model_path: Path | None = None
+    #: Ed25519 public keys (PEM paths) trusted to have signed model artifacts.
+    model_trusted_keys: list[Path] = []
+    #: Directory for the model's caches (image tensors, sentence vectors, saliency).
+    cache_dir: Path | None = None
+
+    # -- access control: clinfuse is an OAuth 2.0 resource server -------------------
+    #: The hospital identity provider's issuer (``iss``); None trusts only the built-in one.
+    auth_issuer: str | None = None
+    #: Where that issuer's public keys are: a JWKS URL, or a JWKS file.
+    auth_jwks_url: str | None = None
+    auth_jwks_file: Path | None = None
+    #: The ``aud`` every accepted token must carry.
+    auth_audience: str = "clinfuse"
+    #: The claim holding the clinfuse role (a string or a list of strings).
+    auth_role_claim: str = "clinfuse_role"
+    #: The built-in ES384 issuer (local users, registered SMART backend clients).
+    #: Default: on in the demo environment only.
+    auth_builtin_issuer: bool | None = None
+    auth_builtin_issuer_id: str = "urn:clinfuse:builtin-issuer"
+    auth_token_ttl_s: int = 3600
+    #: The OAuth endpoints published in /.well-known/smart-configuration; default: built-in.
+    auth_token_endpoint: str | None = None
+    auth_authorize_endpoint: str | None = None
+
+    #: Access-log checkpoints: every N entries or every S seconds, whichever comes first.
+    access_log_checkpoint_every: int = 100
+    access_log_checkpoint_interval_s: float = 300.0
+    #: Secret for patient pseudonyms shown to compliance users; default: a key file.
+    pseudonym_secret: str | None = None
+
     @property
     def dicom_storage_dir(self) -> Path:
         return self.data_dir / "dicom"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def builtin_issuer_enabled(self) -> bool:
+        if self.auth_builtin_issuer is not None:
+            return self.auth_builtin_issuer
+        return self.environment == "demo"
 
 
 @lru_cache

@@ -13,8 +13,10 @@ from fastapi.testclient import TestClient
 from pydicom.data import get_testdata_file
 
 from services.app import create_app
+from services.auth.principal import Role
 from services.core.config import Settings
 from services.dicomweb import build_multipart, split_multipart
+from tests.services.service_support import bearer
 
 CT = Path(get_testdata_file("CT_small.dcm"))  # type: ignore[arg-type]
 MR_RLE = Path(get_testdata_file("MR_small_RLE.dcm"))  # type: ignore[arg-type]
@@ -29,7 +31,8 @@ def multipart(*payloads: bytes) -> tuple[dict[str, str], bytes]:
 def client(tmp_path: Path) -> Iterator[TestClient]:
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
                         data_dir=tmp_path / "data", max_upload_bytes=200_000)
-    with TestClient(create_app(settings)) as test_client:
+    app = create_app(settings)
+    with TestClient(app, headers=bearer(app, Role.integration)) as test_client:
         yield test_client
 
 

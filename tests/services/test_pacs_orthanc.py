@@ -28,6 +28,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from scripts.orthanc import OrthancServer, ensure_installed, running_orthanc
 from scripts.pg_cluster import free_port
 from services.app import create_app
+from services.auth.principal import Role
 from services.core.config import Settings
 from services.db import make_engine, migrate, session_factory
 from services.dicom_store import DicomStore
@@ -42,6 +43,7 @@ from services.dimse import (
     send_instances,
 )
 from tests.conftest import require_service
+from tests.services.service_support import bearer
 from tests.shared_data import shared_data_dir
 
 pytestmark = pytest.mark.integration
@@ -113,8 +115,10 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Clinfuse, O
         peers = {"clinfuse": (SCP_AET, "127.0.0.1", clinfuse.dicom_port)}
         try:
             orthanc_cm = running_orthanc(modalities=peers,
-                                         dicomweb_servers={"clinfuse": clinfuse.url +
-                                                           "/dicomweb/"})
+                                         dicomweb_servers={"clinfuse": {
+                                             "Url": clinfuse.url + "/dicomweb/",
+                                             "HttpHeaders": bearer(clinfuse.app,
+                                                                   Role.integration)}})
             orthanc = orthanc_cm.__enter__()
         except RuntimeError as exc:
             require_service("Orthanc", str(exc))

@@ -2,16 +2,31 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from services import dicomweb
-from services.api.deps import DicomStoreDep, SettingsDep, base_url, read_limited_body
+from services.api.deps import (
+    DicomStoreDep,
+    SettingsDep,
+    base_url,
+    read_limited_body,
+    require,
+)
+from services.auth.principal import Role
 
 PREFIX = "/dicomweb"
-router = APIRouter(prefix=PREFIX, tags=["DICOMweb"])
+router = APIRouter(prefix=PREFIX, tags=["DICOMweb"],
+                   responses={401: {"description": "no valid bearer token"},
+                              403: {"description": "the role may not use this route"}})
+#: STOW is how integration systems send images; reading is for them and for clinicians.
+WRITE = require(Role.integration)
+READ = require(Role.integration, Role.clinician)
+write = partial(router.post, dependencies=[WRITE])
+read = partial(router.get, dependencies=[READ])
 
 
 def _dicom_json(payload: Any, status: int = 200) -> JSONResponse:
@@ -32,7 +47,7 @@ async def _stow(request: Request, store: DicomStoreDep, settings: SettingsDep,
     return _dicom_json(payload, status)
 
 
-@router.post("/studies", summary="STOW-RS: store instances",
+@write("/studies", summary="STOW-RS: store instances",
              responses={200: {"description": "all stored"},
                         202: {"description": "some stored; failures or warnings listed"},
                         409: {"description": "none stored"}, 413: {"description": "too large"},
@@ -42,7 +57,7 @@ async def store_instances(request: Request, store: DicomStoreDep,
     return await _stow(request, store, settings, None)
 
 
-@router.post("/studies/{study}", summary="STOW-RS: store instances into one study")
+@write("/studies/{study}", summary="STOW-RS: store instances into one study")
 async def store_study_instances(study: str, request: Request, store: DicomStoreDep,
                                 settings: SettingsDep) -> JSONResponse:
     return await _stow(request, store, settings, study)
@@ -56,27 +71,27 @@ def _search(store: DicomStoreDep, level: dicomweb.Level, request: Request,
         raise HTTPException(400, str(exc)) from None
 
 
-@router.get("/studies", summary="QIDO-RS: search studies")
+@read("/studies", summary="QIDO-RS: search studies")
 def search_studies(request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "study", request, {})
 
 
-@router.get("/series", summary="QIDO-RS: search series")
+@read("/series", summary="QIDO-RS: search series")
 def search_series(request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "series", request, {})
 
 
-@router.get("/instances", summary="QIDO-RS: search instances")
+@read("/instances", summary="QIDO-RS: search instances")
 def search_instances(request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "instance", request, {})
 
 
-@router.get("/studies/{study}/series", summary="QIDO-RS: search a study's series")
+@read("/studies/{study}/series", summary="QIDO-RS: search a study's series")
 def search_study_series(study: str, request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "series", request, {"StudyInstanceUID": study})
 
 
-@router.get("/studies/{study}/series/{series}/instances",
+@read("/studies/{study}/series/{series}/instances",
             summary="QIDO-RS: search a series' instances")
 def search_series_instances(study: str, series: str, request: Request,
                             store: DicomStoreDep) -> JSONResponse:
@@ -97,17 +112,17 @@ def _retrieve(store: DicomStoreDep, rows: list[Any]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type=content_type)
 
 
-@router.get("/studies/{study}", summary="WADO-RS: retrieve a study")
+@read("/studies/{study}", summary="WADO-RS: retrieve a study")
 def retrieve_study(study: str, store: DicomStoreDep) -> StreamingResponse:
     return _retrieve(store, _rows(store, study))
 
 
-@router.get("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+@read("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 def retrieve_series(study: str, series: str, store: DicomStoreDep) -> StreamingResponse:
     return _retrieve(store, _rows(store, study, series))
 
 
-@router.get("/studies/{study}/series/{series}/instances/{instance}",
+@read("/studies/{study}/series/{series}/instances/{instance}",
             summary="WADO-RS: retrieve an instance")
 def retrieve_instance(study: str, series: str, instance: str,
                       store: DicomStoreDep) -> StreamingResponse:
@@ -120,19 +135,19 @@ def _metadata(request: Request, settings: SettingsDep, store: DicomStoreDep,
     return _dicom_json([dicomweb.instance_metadata(store.read_bytes(r), root, r) for r in rows])
 
 
-@router.get("/studies/{study}/metadata", summary="WADO-RS: a study's metadata")
+@read("/studies/{study}/metadata", summary="WADO-RS: a study's metadata")
 def study_metadata(study: str, request: Request, settings: SettingsDep,
                    store: DicomStoreDep) -> JSONResponse:
     return _metadata(request, settings, store, _rows(store, study))
 
 
-@router.get("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata")
+@read("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata")
 def series_metadata(study: str, series: str, request: Request, settings: SettingsDep,
                     store: DicomStoreDep) -> JSONResponse:
     return _metadata(request, settings, store, _rows(store, study, series))
 
 
-@router.get("/studies/{study}/series/{series}/instances/{instance}/metadata",
+@read("/studies/{study}/series/{series}/instances/{instance}/metadata",
             summary="WADO-RS: an instance's metadata")
 def instance_metadata(study: str, series: str, instance: str, request: Request,
                       settings: SettingsDep, store: DicomStoreDep) -> JSONResponse:

@@ -1,0 +1,207 @@
+"""The access log: every read or write of patient data, hash-chained and checkpointed.
+
+Each entry's hash covers its fields and the previous entry's hash, so editing or
+deleting an entry breaks the chain from there on. A chain alone cannot show that
+its newest entries were cut off, so the head is checkpointed at intervals with an
+Ed25519 signature: a tail truncated below a signed checkpoint is detected. Entries
+after the newest checkpoint are only as safe as the database; checkpoints are also
+written at shutdown, which keeps that window small.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from models.artifact import (
+    generate_signing_key,
+    load_public_key,
+    load_signing_key,
+    public_key_fingerprint,
+)
+from services.auth.principal import DEFAULT_PURPOSE, Principal
+from services.db import session_scope
+from services.tables import AccessLogCheckpointRow, AccessLogRow
+
+__all__ = ["GENESIS", "AccessLog", "ChainReport", "entry_hash", "pseudonym", "verify_chain"]
+
+GENESIS = "0" * 64
+_PG_LOCK_ID = 0x636C696E  # any constant: serialises appends across server processes
+
+
+def entry_hash(row: AccessLogRow) -> str:
+    """The sha256 over an entry's fields and its predecessor's hash."""
+    payload = json.dumps([row.seq, _iso(row.at), row.subject, row.role, row.action,
+                          row.resource, row.patient_id, row.purpose, row.status, row.prev_hash],
+                         separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _iso(at: datetime) -> str:
+    # SQLite hands back naive datetimes; the chain must hash the same text on every backend.
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return at.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def _checkpoint_message(seq: int, head_hash: str, at: datetime) -> bytes:
+    return f"clinfuse-access-log-checkpoint/1\n{seq}\n{head_hash}\n{_iso(at)}".encode()
+
+
+def pseudonym(patient_id: str | None, secret: bytes) -> str | None:
+    """A stable per-deployment pseudonym for a patient id (keyed HMAC, not reversible)."""
+    if patient_id is None:
+        return None
+    return "P-" + hmac.new(secret, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+class AccessLog:
+    """Appends entries and writes signed checkpoints of the chain head."""
+
+    def __init__(self, sessions: sessionmaker[Session], key_path: Path, *,
+                 checkpoint_every: int = 100, checkpoint_interval_s: float = 300.0) -> None:
+        self.sessions = sessions
+        if not key_path.exists():
+            key_path.parent.mkdir(parents=True, exist_ok=True)
+            generate_signing_key(key_path)
+        self._key: Ed25519PrivateKey = load_signing_key(key_path)
+        self.public_key: Ed25519PublicKey = self._key.public_key()
+        self.key_id = public_key_fingerprint(self.public_key)
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_interval_s = checkpoint_interval_s
+        self._lock = threading.Lock()
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+
+    def record(self, principal: Principal, *, action: str, resource: str,
+               patient_id: str | None = None, purpose: str | None = None,
+               status: int = 200) -> int:
+        """Append one entry in its own transaction; returns its sequence number."""
+        for attempt in range(20):
+            try:
+                with self._lock, session_scope(self.sessions) as session:
+                    seq = self._append(session, principal, action, resource, patient_id,
+                                       purpose or DEFAULT_PURPOSE[principal.role], status)
+                break
+            except IntegrityError:
+                # Another process took this seq first; re-read the head and try again.
+                time.sleep(0.005 * (attempt + 1))
+        else:
+            raise RuntimeError("could not append to the access log: the chain head kept moving")
+        self._since_checkpoint += 1
+        if (self._since_checkpoint >= self.checkpoint_every
+                or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s):
+            self.checkpoint()
+        return seq
+
+    def _append(self, session: Session, principal: Principal, action: str, resource: str,
+                patient_id: str | None, purpose: str, status: int) -> int:
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
+        last = session.scalars(select(AccessLogRow).order_by(AccessLogRow.seq.desc())
+                               .limit(1)).one_or_none()
+        row = AccessLogRow(seq=(last.seq + 1) if last else 1, at=datetime.now(UTC),
+                           subject=principal.subject[:256], role=principal.role.value,
+                           action=action[:64], resource=resource[:512], patient_id=patient_id,
+                           purpose=purpose[:128], status=status,
+                           prev_hash=last.hash if last else GENESIS)
+        row.hash = entry_hash(row)
+        session.add(row)
+        session.flush()
+        return row.seq
+
+    def checkpoint(self) -> AccessLogCheckpointRow | None:
+        """Sign the current chain head; None when the log is empty."""
+        with self._lock, session_scope(self.sessions) as session:
+            last = session.scalars(select(AccessLogRow).order_by(AccessLogRow.seq.desc())
+                                   .limit(1)).one_or_none()
+            if last is None:
+                return None
+            at = datetime.now(UTC)
+            signature = self._key.sign(_checkpoint_message(last.seq, last.hash, at))
+            row = AccessLogCheckpointRow(seq=last.seq, head_hash=last.hash, at=at,
+                                         key_id=self.key_id,
+                                         signature=base64.b64encode(signature).decode())
+            session.add(row)
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        return row
+
+
+@dataclass
+class ChainReport:
+    """What :func:`verify_chain` found; ``ok`` only when there are no problems."""
+
+    entries: int = 0
+    checkpoints: int = 0
+    last_checkpoint_seq: int | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_chain(session: Session, public_key: Ed25519PublicKey | Path | str,
+                 *, batch: int = 5000) -> ChainReport:
+    """Recompute every hash and check every signed checkpoint against the rows."""
+    key = load_public_key(public_key)
+    report = ChainReport()
+    prev_hash, expected_seq = GENESIS, 1
+    hashes_at: dict[int, str] = {}
+    checkpoints = session.scalars(select(AccessLogCheckpointRow)
+                                  .order_by(AccessLogCheckpointRow.seq)).all()
+    wanted = {c.seq for c in checkpoints}
+    last_seq = 0
+    while True:
+        rows = session.scalars(select(AccessLogRow).where(AccessLogRow.seq >= expected_seq)
+                               .order_by(AccessLogRow.seq).limit(batch)).all()
+        if not rows:
+            break
+        for row in rows:
+            if row.seq != expected_seq:
+                report.problems.append(f"entries {expected_seq}..{row.seq - 1} are missing "
+                                       "(deleted)")
+            if row.prev_hash != prev_hash:
+                report.problems.append(f"entry {row.seq}: does not link to the entry before "
+                                       "it (an entry before it was deleted or edited)")
+            if entry_hash(row) != row.hash:
+                report.problems.append(f"entry {row.seq}: its contents do not match its hash "
+                                       "(edited)")
+            if row.seq in wanted:
+                hashes_at[row.seq] = row.hash
+            prev_hash, expected_seq, last_seq = row.hash, row.seq + 1, row.seq
+            report.entries += 1
+    count = session.scalar(select(func.count()).select_from(AccessLogRow)) or 0
+    if count != report.entries:
+        report.problems.append(f"{count} entries stored but {report.entries} read in order")
+    for c in checkpoints:
+        report.checkpoints += 1
+        try:
+            key.verify(base64.b64decode(c.signature), _checkpoint_message(c.seq, c.head_hash,
+                                                                         c.at))
+        except (InvalidSignature, ValueError):
+            report.problems.append(f"checkpoint at entry {c.seq}: bad signature (forged or "
+                                   "signed with another key)")
+            continue
+        report.last_checkpoint_seq = c.seq
+        if c.seq > last_seq:
+            report.problems.append(f"checkpoint at entry {c.seq} but the log ends at entry "
+                                   f"{last_seq}: its tail was truncated")
+        elif hashes_at.get(c.seq) != c.head_hash:
+            report.problems.append(f"checkpoint at entry {c.seq}: the entry's hash differs "
+                                   "from the signed head (rewritten)")
+    return report

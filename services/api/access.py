@@ -1,0 +1,59 @@
+"""Access logging for every authenticated request, in one place.
+
+Routes that touch one patient's data set ``request.state.patient_id`` (the opaque
+id); the middleware appends who, role, what (method and route template), the
+patient, the purpose of use and the status to the hash-chained access log.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from starlette.concurrency import run_in_threadpool
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Match
+
+from services.access_log import AccessLog
+from services.auth.principal import Principal
+
+log = logging.getLogger(__name__)
+
+_ACTIONS = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write",
+            "DELETE": "delete"}
+
+
+def route_template(request: Request) -> str:
+    """The matched route's path template: what was accessed, without the ids in it."""
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match == Match.FULL:
+            return str(getattr(route, "path", request.url.path))
+    return request.url.path
+
+
+class AccessLogMiddleware(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        response = await call_next(request)
+        principal: Principal | None = getattr(request.state, "principal", None)
+        if principal is None:
+            return response
+        access_log: AccessLog = request.app.state.access_log
+        action = getattr(request.state, "access_action", None) or _ACTIONS.get(
+            request.method, request.method.lower())
+        resource = f"{request.method} {route_template(request)}"
+        purpose = request.headers.get("x-purpose-of-use")
+        try:
+            await run_in_threadpool(access_log.record, principal, action=action,
+                                    resource=resource,
+                                    patient_id=getattr(request.state, "patient_id", None),
+                                    purpose=purpose[:128] if purpose else None,
+                                    status=response.status_code)
+        except Exception as exc:
+            # An access that cannot be logged must not be served: fail closed.
+            log.error("access log append failed (%s); refusing the response",
+                      type(exc).__name__)
+            return Response('{"detail":"the access log is unavailable"}', status_code=503,
+                            media_type="application/json")
+        return response

@@ -1,0 +1,100 @@
+"""OAuth endpoints of the built-in issuer and the SMART configuration.
+
+``POST /auth/token`` serves two grants: ``password`` for the demo's local users,
+and ``client_credentials`` with a signed JWT assertion for SMART Backend Services
+clients (``private_key_jwt``, RS384 or ES384, as SMART asks).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import JSONResponse
+
+from services.api.deps import SessionDep, SettingsDep, base_url
+from services.auth import backend_services
+from services.auth.tokens import AuthError
+
+router = APIRouter(tags=["Authorization"])
+
+_TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"description": "invalid_request / unsupported_grant_type / invalid_scope"},
+    401: {"description": "invalid_client or invalid_grant"},
+}
+
+
+def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status,
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.post("/auth/token", summary="OAuth 2.0 token endpoint of the built-in issuer",
+             responses=_TOKEN_ERRORS)
+def token(request: Request, session: SessionDep, settings: SettingsDep,
+          grant_type: Annotated[str, Form(examples=["client_credentials"])],
+          username: Annotated[str | None, Form()] = None,
+          password: Annotated[str | None, Form()] = None,
+          scope: Annotated[str | None, Form(examples=["system/*.read"])] = None,
+          client_assertion_type: Annotated[str | None, Form()] = None,
+          client_assertion: Annotated[str | None, Form()] = None) -> JSONResponse:
+    issuer = getattr(request.app.state, "local_issuer", None)
+    if issuer is None:
+        return _oauth_error(400, "unsupported_grant_type",
+                            "the built-in issuer is disabled; get tokens from the hospital's "
+                            "authorization server")
+    endpoint = base_url(request, settings, "/auth/token")
+    try:
+        if grant_type == "password":
+            if not settings.builtin_issuer_enabled or settings.environment != "demo":
+                return _oauth_error(400, "unsupported_grant_type",
+                                    "local logins exist only in the demo environment")
+            if not username or not password:
+                return _oauth_error(400, "invalid_request", "username and password are required")
+            access = backend_services.password_grant(session, issuer, username, password,
+                                                     ttl_s=settings.auth_token_ttl_s)
+        elif grant_type == "client_credentials":
+            if client_assertion_type != backend_services.JWT_BEARER or not client_assertion:
+                return _oauth_error(400, "invalid_request",
+                                    f"client_assertion_type must be {backend_services.JWT_BEARER}"
+                                    " with a client_assertion")
+            access = backend_services.client_credentials_grant(
+                session, issuer, client_assertion, token_endpoint=endpoint, scope=scope or "",
+                ttl_s=min(settings.auth_token_ttl_s, 3600))
+        else:
+            return _oauth_error(400, "unsupported_grant_type",
+                                f"grant_type {grant_type[:40]!r} is not supported")
+    except AuthError as exc:
+        return _oauth_error(400 if exc.error == "invalid_scope" else 401, exc.error, exc.message)
+    return JSONResponse(access, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+@router.get("/auth/jwks.json", summary="The built-in issuer's public keys (JWKS)")
+def jwks(request: Request) -> dict[str, Any]:
+    issuer = getattr(request.app.state, "local_issuer", None)
+    return issuer.jwks() if issuer is not None else {"keys": []}
+
+
+@router.get("/.well-known/smart-configuration",
+            summary="SMART App Launch / Backend Services configuration")
+def smart_configuration(request: Request, settings: SettingsDep) -> dict[str, Any]:
+    token_endpoint = settings.auth_token_endpoint or base_url(request, settings, "/auth/token")
+    config: dict[str, Any] = {
+        "issuer": settings.auth_issuer or settings.auth_builtin_issuer_id,
+        "jwks_uri": settings.auth_jwks_url or base_url(request, settings, "/auth/jwks.json"),
+        "token_endpoint": token_endpoint,
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
+        "grant_types_supported": ["client_credentials", "authorization_code"],
+        "scopes_supported": ["system/*.read", "system/*.write", "user/*.read",
+                             "patient/*.read", "launch", "launch/patient", "openid",
+                             "fhirUser"],
+        "response_types_supported": ["code"],
+        "code_challenge_methods_supported": ["S256"],
+        "capabilities": ["client-confidential-asymmetric", "permission-v2",
+                         "launch-ehr", "launch-standalone", "context-ehr-patient"],
+    }
+    if settings.auth_authorize_endpoint or getattr(request.app.state, "local_issuer", None):
+        config["authorization_endpoint"] = (settings.auth_authorize_endpoint
+                                            or base_url(request, settings, "/auth/authorize"))
+    return config

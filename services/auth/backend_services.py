@@ -1,0 +1,155 @@
+"""The built-in issuer's grants: demo local logins and SMART Backend Services clients."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import jwt
+from sqlalchemy.orm import Session
+
+from services.auth.passwords import hash_password, verify_password
+from services.auth.principal import Role
+from services.auth.tokens import AuthError, LocalIssuer
+from services.tables import ClientRow, UserRow
+
+__all__ = ["JWT_BEARER", "add_user", "client_credentials_grant", "password_grant",
+           "register_client"]
+
+JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+#: SMART Backend Services: the client signs its assertion with RS384 or ES384.
+ASSERTION_ALGORITHMS = ("RS384", "ES384")
+MAX_ASSERTION_LIFETIME_S = 300
+
+
+class _SeenJti:
+    """Assertion ids seen until they expire: a replayed assertion is refused."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def add(self, jti: str, exp: float) -> bool:
+        now = time.time()
+        with self._lock:
+            for k in [k for k, e in self._seen.items() if e < now]:
+                del self._seen[k]
+            if jti in self._seen:
+                return False
+            self._seen[jti] = exp
+            return True
+
+
+_seen_jti = _SeenJti()
+
+
+def add_user(session: Session, username: str, password: str, role: Role,
+             display_name: str | None = None) -> UserRow:
+    """Create or reset a local (demo) user."""
+    if len(password) < 8:
+        raise ValueError("a password needs at least 8 characters")
+    row = session.get(UserRow, username)
+    if row is None:
+        row = UserRow(username=username)
+        session.add(row)
+    row.password_hash = hash_password(password)
+    row.role = role.value
+    row.display_name = display_name
+    session.flush()
+    return row
+
+
+def register_client(session: Session, client_id: str, jwks: dict[str, Any], role: Role,
+                    scope: str = "system/*.read system/*.write") -> ClientRow:
+    """Register (or update) a backend client and the public keys that authenticate it."""
+    keys = jwks.get("keys") if isinstance(jwks, dict) else None
+    if not isinstance(keys, list) or not keys:
+        raise ValueError("the client's JWKS needs a non-empty 'keys' list")
+    for key in keys:
+        if not isinstance(key, dict) or key.get("kty") not in ("RSA", "EC") or "d" in key:
+            raise ValueError("JWKS keys must be public RSA or EC keys (no private parts)")
+    row = session.get(ClientRow, client_id)
+    if row is None:
+        row = ClientRow(client_id=client_id)
+        session.add(row)
+    row.jwks, row.role, row.scope = {"keys": keys}, role.value, scope
+    session.flush()
+    return row
+
+
+def _token_response(token: str, ttl_s: int, scope: str) -> dict[str, Any]:
+    return {"access_token": token, "token_type": "Bearer", "expires_in": ttl_s, "scope": scope}
+
+
+def password_grant(session: Session, issuer: LocalIssuer, username: str, password: str, *,
+                   ttl_s: int) -> dict[str, Any]:
+    user = session.get(UserRow, username)
+    # Verify against a dummy hash for unknown users, so timing does not reveal who exists.
+    stored = user.password_hash if user is not None else _DUMMY_HASH
+    if not verify_password(stored, password) or user is None:
+        raise AuthError(401, "unknown user or wrong password", error="invalid_grant")
+    scope = "openid fhirUser user/*.read"
+    token = issuer.issue(username, Role(user.role), scope=scope, ttl_s=ttl_s,
+                         extra={"name": user.display_name or username})
+    return _token_response(token, ttl_s, scope)
+
+
+def client_credentials_grant(session: Session, issuer: LocalIssuer, assertion: str, *,
+                             token_endpoint: str, scope: str, ttl_s: int) -> dict[str, Any]:
+    """Verify a SMART Backend Services client assertion and issue an access token."""
+    try:
+        header = jwt.get_unverified_header(assertion)
+        unverified = jwt.decode(assertion, options={"verify_signature": False})
+    except jwt.PyJWTError:
+        raise AuthError(401, "client_assertion is not a well-formed JWT",
+                        error="invalid_client") from None
+    alg = header.get("alg")
+    if alg not in ASSERTION_ALGORITHMS:
+        raise AuthError(401, f"client_assertion must be signed with RS384 or ES384, not {alg!r}",
+                        error="invalid_client")
+    client_id = unverified.get("iss")
+    client = session.get(ClientRow, str(client_id)) if isinstance(client_id, str) else None
+    if client is None:
+        raise AuthError(401, "unknown client", error="invalid_client")
+    keys = [k for k in client.jwks.get("keys", [])
+            if header.get("kid") is None or k.get("kid") == header.get("kid")]
+    claims: dict[str, Any] | None = None
+    for key in keys:
+        try:
+            public = jwt.PyJWK.from_dict(key, algorithm=alg).key
+            claims = jwt.decode(assertion, public, algorithms=[alg], audience=token_endpoint,
+                                issuer=client.client_id,
+                                options={"require": ["exp", "iss", "sub", "aud", "jti"]})
+            break
+        except jwt.ExpiredSignatureError:
+            raise AuthError(401, "client_assertion has expired", error="invalid_client") from None
+        except jwt.InvalidAudienceError:
+            raise AuthError(401, "client_assertion aud must be this token endpoint",
+                            error="invalid_client") from None
+        except jwt.PyJWTError:
+            continue
+    if claims is None:
+        raise AuthError(401, "client_assertion signature did not verify with the client's keys",
+                        error="invalid_client")
+    if claims["sub"] != client.client_id:
+        raise AuthError(401, "client_assertion sub must equal iss (the client id)",
+                        error="invalid_client")
+    if float(claims["exp"]) - time.time() > MAX_ASSERTION_LIFETIME_S:
+        raise AuthError(401, "client_assertion exp is more than five minutes ahead",
+                        error="invalid_client")
+    if not _seen_jti.add(f"{client.client_id}:{claims['jti']}", float(claims["exp"])):
+        raise AuthError(401, "client_assertion jti was already used", error="invalid_client")
+    allowed = set(client.scope.split())
+    requested = set(scope.split()) if scope else allowed
+    granted = requested & allowed
+    if not granted:
+        raise AuthError(400, "none of the requested scopes is allowed for this client",
+                        error="invalid_scope")
+    scope_text = " ".join(sorted(granted))
+    token = issuer.issue(client.client_id, Role(client.role), scope=scope_text,
+                         client_id=client.client_id, ttl_s=ttl_s)
+    return _token_response(token, ttl_s, scope_text)
+
+
+_DUMMY_HASH = hash_password("not-a-real-password-used-for-timing")
