@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from services.access_log import AccessLog
 from services.api.access import AccessLogMiddleware
 from services.api.errors import install_error_handlers
-from services.api.routes import auth, dicomweb
+from services.api.routes import auth, dicomweb, health
 from services.auth.tokens import (
     LocalIssuer,
     TokenVerifier,
@@ -23,6 +23,7 @@ from services.core.config import Settings, get_settings
 from services.db import make_engine, migrate, session_factory
 from services.dicom_store import DicomStore
 from services.dimse import StoreSCP
+from services.observability import Metrics, RequestContextMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.token_verifier = verifier
     install_error_handlers(app)
     app.add_middleware(AccessLogMiddleware)
+    # Added last, so it runs first: every response, errors included, gets an id and a timing.
+    app.add_middleware(RequestContextMiddleware)
+    app.state.metrics = Metrics(lambda: getattr(app.state, "sessions", None))
+    app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(dicomweb.router)
     return app

@@ -61,14 +61,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from services.app import create_app
     from services.core.config import Settings
+    from services.observability import configure_logging
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,
                                    "database_url": args.database_url}.items() if v is not None}
     if args.dicom_port is not None:
         overrides |= {"dicom_scp_enabled": True, "dicom_port": args.dicom_port}
     settings = Settings(**overrides)
+    configure_logging(settings.log_level)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+                log_config=None, access_log=False)
     return 0
 
 

@@ -13,7 +13,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Match
 
 from services.access_log import AccessLog
 from services.auth.principal import Principal
@@ -26,11 +25,10 @@ _ACTIONS = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PAT
 
 def route_template(request: Request) -> str:
     """The matched route's path template: what was accessed, without the ids in it."""
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match == Match.FULL:
-            return str(getattr(route, "path", request.url.path))
-    return request.url.path
+    route = request.scope.get("route")  # set by the router on the shared scope once matched
+    path = getattr(route, "path", None)
+    # Never the raw path: an unmatched URL may carry an identifier.
+    return str(path) if path else "<unmatched>"
 
 
 class AccessLogMiddleware(BaseHTTPMiddleware):
