@@ -69,8 +69,11 @@ def _serve(args: argparse.Namespace) -> int:
         overrides |= {"dicom_scp_enabled": True, "dicom_port": args.dicom_port}
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
+    tls = settings.http_tls and settings.tls_certfile is not None
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
-                log_config=None, access_log=False)
+                log_config=None, access_log=False,
+                ssl_certfile=settings.tls_certfile if tls else None,
+                ssl_keyfile=settings.tls_keyfile if tls else None)
     return 0
 
 

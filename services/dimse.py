@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ class StoreSCP:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aets: list[str] = field(default_factory=list)
+    #: DICOM TLS (PS3.15 B.1): with a context, only TLS associations are accepted.
+    ssl_context: ssl.SSLContext | None = None
     _server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
@@ -67,7 +70,8 @@ class StoreSCP:
         ae.maximum_pdu_size = 0
         handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store),
                                 (evt.EVT_C_ECHO, lambda e: 0x0000)]
-        server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+        server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
+                                 ssl_context=self.ssl_context)
         assert server is not None  # block=False always returns the server
         self._server = server
         self.port = int(server.server_address[1])
@@ -198,7 +202,8 @@ def get_study(peer: Peer, study_uid: str, store: DicomStore, *,
 
 
 def send_instances(peer: Peer, payloads: Iterable[bytes], *,
-                   calling_aet: str = "CLINFUSE") -> list[int]:
+                   calling_aet: str = "CLINFUSE",
+                   tls: tuple[ssl.SSLContext, str] | None = None) -> list[int]:
     """C-STORE Part-10 instances to a peer over one association; returns the statuses."""
     from pydicom import dcmread
 
@@ -207,7 +212,7 @@ def send_instances(peer: Peer, payloads: Iterable[bytes], *,
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets})
         ae.add_requested_context(sop_class, syntaxes)
-    assoc = _associate(ae, peer)
+    assoc = _associate(ae, peer, **({"tls_args": tls} if tls else {}))
     statuses: list[int] = []
     try:
         for ds in datasets:

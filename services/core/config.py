@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -63,6 +64,27 @@ class Settings(BaseSettings):
     access_log_checkpoint_interval_s: float = 300.0
     #: Secret for patient pseudonyms shown to compliance users; default: a key file.
     pseudonym_secret: str | None = None
+
+    # -- transport security ------------------------------------------------------------
+    #: Server certificate and key (PEM) for HTTPS, MLLP over TLS and DICOM TLS.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+    #: CA whose certificates MLLP and DICOM peers must present (mutual TLS); optional.
+    tls_client_ca_file: Path | None = None
+    #: Which listeners use TLS once a certificate is configured.
+    http_tls: bool = True
+    dicom_tls: bool = True
+    mllp_tls: bool = True
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        """The listeners' server TLS context, or None when no certificate is configured."""
+        if self.tls_certfile is None and self.tls_keyfile is None:
+            return None
+        from services.tls import TLSConfigError, server_context
+
+        if self.tls_certfile is None or self.tls_keyfile is None:
+            raise TLSConfigError("set both CLINFUSE_TLS_CERTFILE and CLINFUSE_TLS_KEYFILE")
+        return server_context(self.tls_certfile, self.tls_keyfile, self.tls_client_ca_file)
 
     @property
     def dicom_storage_dir(self) -> Path:
