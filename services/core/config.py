@@ -15,12 +15,17 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CLINFUSE_", extra="ignore")
 
+    #: demo enables the built-in issuer and local logins; production refuses both.
     environment: Literal["demo", "development", "production"] = "demo"
     #: SQLAlchemy URL. SQLite is the embedded default; PostgreSQL for deployments.
     database_url: str = "sqlite:///clinfuse.db"
+    #: Where the DICOM store, keys and caches live (a persistent volume in deployment).
     data_dir: Path = Path("clinfuse-data")
+    #: Address the HTTP, DICOM and MLLP listeners bind; loopback by default.
     host: str = "127.0.0.1"
+    #: HTTP(S) port of the API.
     port: int = 8000
+    #: Level of the JSON application log (never carries patient values).
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Public base URL used in RetrieveURLs; defaults to the request's own.
     public_base_url: str | None = None
@@ -28,7 +33,9 @@ class Settings(BaseSettings):
     max_upload_bytes: int = 512 * 1024 * 1024
     #: DIMSE C-STORE SCP, started with the service when enabled.
     dicom_scp_enabled: bool = False
+    #: AE title of the C-STORE SCP.
     dicom_ae_title: str = "CLINFUSE"
+    #: Port of the C-STORE SCP.
     dicom_port: int = 11112
     #: Calling AE titles allowed to associate; empty means none is allowed.
     dicom_allowed_aets: list[str] = []
@@ -45,6 +52,7 @@ class Settings(BaseSettings):
     auth_issuer: str | None = None
     #: Where that issuer's public keys are: a JWKS URL, or a JWKS file.
     auth_jwks_url: str | None = None
+    #: A JWKS file with the issuer's public keys (instead of a URL).
     auth_jwks_file: Path | None = None
     #: The ``aud`` every accepted token must carry.
     auth_audience: str = "clinfuse"
@@ -53,14 +61,18 @@ class Settings(BaseSettings):
     #: The built-in ES384 issuer (local users, registered SMART backend clients).
     #: Default: on in the demo environment only.
     auth_builtin_issuer: bool | None = None
+    #: The ``iss`` of tokens from the built-in issuer.
     auth_builtin_issuer_id: str = "urn:clinfuse:builtin-issuer"
+    #: Lifetime of tokens the built-in issuer signs, in seconds.
     auth_token_ttl_s: int = 3600
     #: The OAuth endpoints published in /.well-known/smart-configuration; default: built-in.
     auth_token_endpoint: str | None = None
+    #: The authorization endpoint for SMART App Launch; default: built-in.
     auth_authorize_endpoint: str | None = None
 
     #: Access-log checkpoints: every N entries or every S seconds, whichever comes first.
     access_log_checkpoint_every: int = 100
+    #: Longest time between two signed access-log checkpoints, in seconds.
     access_log_checkpoint_interval_s: float = 300.0
     #: Secret for patient pseudonyms shown to compliance users; default: a key file.
     pseudonym_secret: str | None = None
@@ -68,12 +80,15 @@ class Settings(BaseSettings):
     # -- transport security ------------------------------------------------------------
     #: Server certificate and key (PEM) for HTTPS, MLLP over TLS and DICOM TLS.
     tls_certfile: Path | None = None
+    #: The private key (PEM) of the server certificate.
     tls_keyfile: Path | None = None
     #: CA whose certificates MLLP and DICOM peers must present (mutual TLS); optional.
     tls_client_ca_file: Path | None = None
-    #: Which listeners use TLS once a certificate is configured.
+    #: HTTPS on the API when a certificate is configured.
     http_tls: bool = True
+    #: DICOM TLS on the C-STORE SCP when a certificate is configured.
     dicom_tls: bool = True
+    #: MLLP over TLS when a certificate is configured.
     mllp_tls: bool = True
 
     def tls_context(self) -> ssl.SSLContext | None:
