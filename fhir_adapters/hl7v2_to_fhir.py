@@ -5,6 +5,8 @@ and hl7apy give the same resources. Every PID starts a patient; the segments
 after it (PV1, OBR, OBX, TXA) belong to that patient until the next PID.
 
 - PID -> Patient; PV1 -> Encounter.
+- MRG (ADT^A40 and the other merges) -> ``Patient.link`` of type ``replaces`` naming each
+  prior identifier (MRG-1) on the surviving PID's Patient; the store performs the merge.
 - OBX of value type NM, SN, ST, coded, date or time -> Observation.
 - TXA and the OBX after it, and runs of OBX TX/FT outside a TXA -> DocumentReference.
 - OBX of type ED, RP, HD and the like outside a TXA carry no note or measurement: skipped.
@@ -131,6 +133,7 @@ class _Mapper:
         self.event = self.msh.value(9, comp=2)
         self.resources: list[dict[str, Any]] = []
         self.patient_ref: str | None = None
+        self.patient_resource: dict[str, Any] | None = None
         self.obr: SegmentView | None = None
         self.document: dict[str, Any] | None = None
         self.note_run: tuple[dict[str, Any], str] | None = None  # (resource, OBX-3 code)
@@ -201,6 +204,8 @@ class _Mapper:
                 continue
             elif name == "PV1":
                 self.encounter(seg)
+            elif name == "MRG":
+                self.merge(seg)
             elif name in ("OBR", "ORC"):
                 if name == "OBR":
                     self.obr = seg
@@ -265,7 +270,16 @@ class _Mapper:
             else:
                 language.pop("system", None)
             patient["communication"] = [{"language": {"coding": [language]}}]
+        self.patient_resource = patient
         self.resources.append(patient)
+
+    def merge(self, mrg: SegmentView) -> None:
+        """MRG-1: the prior identifiers the current PID's patient replaces (v2-to-FHIR IG)."""
+        assert self.patient_resource is not None
+        links = [{"other": {"identifier": ident}, "type": "replaces"}
+                 for r in range(1, mrg.repetitions(1) + 1) if (ident := self.identifier(mrg, 1, r))]
+        if links:
+            self.patient_resource.setdefault("link", []).extend(links)
 
     def identifier(self, seg: SegmentView, field: int, rep: int) -> dict[str, Any] | None:
         value = self.text(seg, field, rep, 1)

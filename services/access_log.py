@@ -23,7 +23,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from sqlalchemy import func, select, text
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from models.artifact import (
@@ -96,8 +96,9 @@ class AccessLog:
                     seq = self._append(session, principal, action, resource, patient_id,
                                        purpose or DEFAULT_PURPOSE[principal.role], status)
                 break
-            except IntegrityError:
-                # Another process took this seq first; re-read the head and try again.
+            except (IntegrityError, OperationalError):
+                # Another process took this seq first (or, on SQLite, holds the write lock):
+                # re-read the head and try again.
                 time.sleep(0.005 * (attempt + 1))
         else:
             raise RuntimeError("could not append to the access log: the chain head kept moving")

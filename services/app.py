@@ -11,7 +11,11 @@ from fastapi import FastAPI
 from services.access_log import AccessLog
 from services.api.access import AccessLogMiddleware
 from services.api.errors import install_error_handlers
-from services.api.routes import auth, dicomweb, health
+from services.api.routes import access_log as access_log_routes
+from services.api.routes import audits as audit_routes
+from services.api.routes import auth, dicomweb, fhir_ingest, health, hl7
+from services.api.routes import cds_hooks as cds_hooks_routes
+from services.api.routes import predict as predict_routes
 from services.auth.tokens import (
     LocalIssuer,
     TokenVerifier,
@@ -20,10 +24,14 @@ from services.auth.tokens import (
     jwks_from_url,
 )
 from services.core.config import Settings, get_settings
+from services.dashboard import routes as dashboard_routes
 from services.db import make_engine, migrate, session_factory
 from services.dicom_store import DicomStore
 from services.dimse import StoreSCP
+from services.jobs import JobWorker, register_builtin_handlers
+from services.mllp import MllpServer, hl7_handler
 from services.observability import Metrics, RequestContextMiddleware
+from services.prediction import PredictionService
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +77,39 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.sessions, settings.keys_dir / "access-log-ed25519.pem",
             checkpoint_every=settings.access_log_checkpoint_every,
             checkpoint_interval_s=settings.access_log_checkpoint_interval_s)
+        # The served model, verified now: a missing or corrupt artifact stops start-up.
+        app.state.predictions = PredictionService.from_settings(settings, app.state.dicom_store)
+        if app.state.predictions is not None:
+            app.state.predictions.start_warm_up()
+        # Durable background jobs (embeddings, predictions after new data); jobs left
+        # running by a killed process are picked up again once their lease expires.
+        app.state.jobs = JobWorker(app.state.sessions, lease_s=settings.job_lease_s)
+        register_builtin_handlers(app.state.jobs, app.state)
+        app.state.jobs.start()
         scp = None
         if settings.dicom_scp_enabled:
             scp = StoreSCP(app.state.dicom_store, ae_title=settings.dicom_ae_title,
                            host=settings.host, port=settings.dicom_port,
-                           allowed_calling_aets=settings.dicom_allowed_aets)
+                           allowed_calling_aets=settings.dicom_allowed_aets,
+                           ssl_context=settings.tls_context() if settings.dicom_tls else None)
             scp.start()
             log.info("C-STORE SCP %s listening on %s:%d", settings.dicom_ae_title,
                      settings.host, scp.port)
+        mllp = None
+        if settings.mllp_enabled:
+            # HL7 v2 over MLLP: the same ingest as POST /hl7v2, one transaction per frame.
+            mllp = MllpServer(hl7_handler(app.state.sessions, after_commit=app.state.jobs.wake),
+                              host=settings.host, port=settings.mllp_port,
+                              max_frame_bytes=settings.max_upload_bytes)
+            mllp.start()
+            app.state.mllp = mllp
+            log.info("MLLP listener on %s:%d", settings.host, mllp.port)
         yield
+        if mllp is not None:
+            mllp.stop()
         if scp is not None:
             scp.stop()
+        app.state.jobs.stop()
         app.state.access_log.checkpoint()
         engine.dispose()
 
@@ -97,4 +127,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(auth.router)
     app.include_router(dicomweb.router)
+    app.include_router(fhir_ingest.router)
+    app.include_router(hl7.router)
+    app.include_router(predict_routes.router)
+    app.include_router(predict_routes.json_router)
+    app.include_router(cds_hooks_routes.router)
+    app.include_router(audit_routes.router)
+    app.include_router(access_log_routes.router)
+    # The dashboard (server-rendered pages under /dashboard, session cookie auth).
+    for router in dashboard_routes.routers:
+        app.include_router(router)
     return app

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("clinfuse")
 
@@ -40,9 +41,11 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from services.demo import run_demo
+    from services.demo import prepare_service, serve_demo
 
-    run_demo(Path(args.out), patients=args.patients, seed=args.seed)
+    demo = prepare_service(Path(args.out), patients=args.patients, seed=args.seed)
+    if not args.no_serve:
+        serve_demo(demo, host=args.host, port=args.port)
     return 0
 
 
@@ -67,6 +70,12 @@ def _serve(args: argparse.Namespace) -> int:
                                    "database_url": args.database_url}.items() if v is not None}
     if args.dicom_port is not None:
         overrides |= {"dicom_scp_enabled": True, "dicom_port": args.dicom_port}
+    if args.mllp_port is not None:
+        overrides |= {"mllp_enabled": True, "mllp_port": args.mllp_port}
+    if args.model is not None:
+        overrides["model_path"] = Path(args.model)
+    if args.trusted_key:
+        overrides["model_trusted_keys"] = [Path(k) for k in args.trusted_key]
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
     tls = settings.http_tls and settings.tls_certfile is not None
@@ -187,6 +196,108 @@ def _explain(args: argparse.Namespace) -> int:
                         device=args.device)
 
 
+def _service_store(database_url: str | None) -> tuple[Any, Any]:
+    """Settings, and a session factory on the migrated database (``--database-url`` wins)."""
+    from services.core.config import Settings
+    from services.db import make_engine, migrate, session_factory
+
+    settings = Settings(database_url=database_url) if database_url else Settings()
+    engine = make_engine(settings.database_url)
+    migrate(engine)
+    return settings, session_factory(engine)
+
+
+def _verify_access_log(args: argparse.Namespace) -> int:
+    from models.artifact import load_signing_key
+    from services.access_log import verify_chain
+
+    settings, sessions = _service_store(args.database_url)
+    if args.public_key:
+        key: object = Path(args.public_key)
+    else:
+        private = settings.keys_dir / "access-log-ed25519.pem"
+        if not private.exists():
+            sys.stderr.write(f"clinfuse verify-access-log: no --public-key and no signing key "
+                             f"at {private}; pass the checkpoint public key (PEM)\n")
+            return 2
+        key = load_signing_key(private).public_key()
+    with sessions() as session:
+        report = verify_chain(session, key)  # type: ignore[arg-type]
+    if report.ok:
+        tail = ("" if report.last_checkpoint_seq is None
+                else f", last checkpoint at entry {report.last_checkpoint_seq}")
+        sys.stdout.write(f"access log OK: {report.entries} entries, {report.checkpoints} "
+                         f"signed checkpoint(s){tail}\n")
+        return 0
+    sys.stdout.write(f"access log FAILED verification ({report.entries} entries, "
+                     f"{report.checkpoints} checkpoint(s)):\n")
+    for problem in report.problems:
+        sys.stdout.write(f"  - {problem}\n")
+    return 1
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    import getpass
+
+    if args.password_stdin:
+        return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise ValueError("no terminal to prompt on; pipe the password with --password-stdin")
+    first = getpass.getpass(f"password for {args.username}: ")
+    if getpass.getpass("again: ") != first:
+        raise ValueError("the passwords differ")
+    return first
+
+
+def _users_add(args: argparse.Namespace) -> int:
+    from services.auth.backend_services import add_user
+    from services.auth.principal import Role
+
+    password = _read_password(args)
+    _, sessions = _service_store(args.database_url)
+    with sessions.begin() as session:
+        add_user(session, args.username, password, Role(args.role),
+                 display_name=args.display_name)
+    sys.stderr.write(f"user {args.username!r} saved with role {args.role}\n")
+    return 0
+
+
+def _clients_add(args: argparse.Namespace) -> int:
+    from services.auth.backend_services import register_client
+    from services.auth.principal import Role
+
+    try:
+        jwks = json.loads(Path(args.jwks).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{args.jwks}: not JSON (line {exc.lineno})") from None
+    _, sessions = _service_store(args.database_url)
+    with sessions.begin() as session:
+        row = register_client(session, args.client_id, jwks, Role(args.role),
+                              **({"scope": args.scope} if args.scope else {}))
+        scope = row.scope
+    sys.stderr.write(f"client {args.client_id!r} registered: role {args.role}, "
+                     f"{len(jwks['keys'])} key(s), scope {scope!r}\n")
+    return 0
+
+
+def _cohort_export(args: argparse.Namespace) -> int:
+    from services.cohort_export import OutcomeDefinition, export_cohort
+
+    outcome = (OutcomeDefinition.from_yaml(args.outcome) if Path(args.outcome).is_file()
+               else OutcomeDefinition.from_config(args.outcome))
+    settings, sessions = _service_store(args.database_url)
+    with sessions() as session:
+        result = export_cohort(session, None if args.no_images else settings.dicom_storage_dir,
+                               Path(args.out), outcome, index_hours=args.index_hours,
+                               patient_ids=args.patient_ids,
+                               follow_up_until=args.follow_up_until)
+    left_out = ", ".join(f"{n} {why}" for why, n in sorted(result.excluded.items())) or "none"
+    sys.stdout.write(f"{result.manifest_path}: {result.rows} patient(s), {result.positives} "
+                     f"with the outcome, {result.images} with a stored series; left out: "
+                     f"{left_out}\n")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -300,20 +411,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "threshold_high_risk)")
     p.set_defaults(func=_audit)
 
-    p = sub.add_parser("demo", help="run the demo: synthetic cohort, ingest, features")
+    p = sub.add_parser("demo", help="run the demo: synthetic cohort, model, ingest, then "
+                                       "the API and dashboard on 127.0.0.1")
     p.add_argument("--out", default="demo-data")
     p.add_argument("--patients", type=_positive_int, default=300)
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--no-serve", action="store_true",
+                   help="prepare the cohort, model and service store, then exit")
     p.set_defaults(func=_demo)
 
-    p = sub.add_parser("serve", help="run the API (DICOMweb today) and, with --dicom-port, "
-                                     "the C-STORE SCP")
+    p = sub.add_parser("serve", help="run the service: FHIR, CDS Hooks, DICOMweb, HL7 v2, "
+                                     "audits and the dashboard; with --dicom-port the C-STORE "
+                                     "SCP, with --mllp-port the MLLP listener")
     p.add_argument("--host", default=None)
     p.add_argument("--port", type=int, default=None)
     p.add_argument("--database-url", default=None)
     p.add_argument("--dicom-port", type=int, default=None,
                    help="start the C-STORE SCP on this port (allowed AEs: "
                         "CLINFUSE_DICOM_ALLOWED_AETS)")
+    p.add_argument("--mllp-port", type=int, default=None,
+                   help="start the HL7 v2 MLLP listener on this port")
+    p.add_argument("--model", default=None, help="the signed model artifact to serve "
+                   "(CLINFUSE_MODEL_PATH)")
+    p.add_argument("--trusted-key", action="append", default=None,
+                   help="Ed25519 public key (PEM) trusted to sign models; repeatable "
+                        "(CLINFUSE_MODEL_TRUSTED_KEYS)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("fetch", help="retrieve a patient's studies from a PACS into the store")
@@ -323,6 +447,58 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dimse", metavar="HOST:PORT:AET",
                         help="C-FIND then C-MOVE to this service's SCP")
     p.set_defaults(func=_fetch)
+
+    p = sub.add_parser("verify-access-log", help="check the access log's hash chain and "
+                                                 "signed checkpoints (exit 1 if tampered)")
+    p.add_argument("--database-url", default=None)
+    p.add_argument("--public-key", default=None,
+                   help="Ed25519 public key (PEM) of the checkpoints; default: derived from "
+                        "the service's key in CLINFUSE_DATA_DIR/keys")
+    p.set_defaults(func=_verify_access_log)
+
+    p = sub.add_parser("users", help="local users of the built-in (demo) issuer")
+    users = p.add_subparsers(dest="users_command", required=True)
+    p = users.add_parser("add", help="create a user or reset its password and role")
+    p.add_argument("username")
+    p.add_argument("--role", required=True, choices=["integration", "clinician", "compliance",
+                                                     "admin"])
+    p.add_argument("--password-stdin", action="store_true",
+                   help="read the password from the first line of stdin instead of a prompt")
+    p.add_argument("--display-name", default=None)
+    p.add_argument("--database-url", default=None)
+    p.set_defaults(func=_users_add)
+
+    p = sub.add_parser("clients", help="SMART Backend Services clients of the built-in issuer")
+    clients = p.add_subparsers(dest="clients_command", required=True)
+    p = clients.add_parser("add", help="register a client (or replace its keys and role)")
+    p.add_argument("client_id")
+    p.add_argument("--jwks", required=True, help="the client's public JWKS (JSON file)")
+    p.add_argument("--role", required=True, choices=["integration", "clinician", "compliance",
+                                                     "admin"])
+    p.add_argument("--scope", default=None,
+                   help="space-separated scopes it may ask for (default: system/*.read "
+                        "system/*.write)")
+    p.add_argument("--database-url", default=None)
+    p.set_defaults(func=_clients_add)
+
+    p = sub.add_parser("cohort", help="cohorts from the store")
+    cohort = p.add_subparsers(dest="cohort_command", required=True)
+    p = cohort.add_parser("export", help="write a cohort manifest (CSV + YAML, images/) from "
+                                         "the stored records and imaging")
+    p.add_argument("--outcome", required=True,
+                   help="deterioration, mortality or icu_transfer, or a YAML outcome "
+                        "definition (a manifest sidecar or model config works too)")
+    p.add_argument("--out", required=True, help="folder to write manifest.csv/.yaml into")
+    p.add_argument("--index-hours", type=float, default=72.0,
+                   help="index time = first inpatient admission + this many hours")
+    p.add_argument("--patient-ids", choices=["opaque", "identifier"], default="opaque",
+                   help="opaque store ids (default) or the business identifier system|value")
+    p.add_argument("--follow-up-until", type=_iso_time, default=None, metavar="TIME",
+                   help="records are complete up to this time (default now); later "
+                        "horizons are censored")
+    p.add_argument("--no-images", action="store_true", help="do not copy DICOM series")
+    p.add_argument("--database-url", default=None)
+    p.set_defaults(func=_cohort_export)
 
     p = sub.add_parser("db-upgrade", help="create or migrate the database schema")
     p.add_argument("--database-url", default=None)
@@ -361,3 +537,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.stderr.write(f"clinfuse {args.command}: {exc}\n")
         code = 2
     raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

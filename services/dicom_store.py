@@ -30,6 +30,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from services.jobs import enqueue_series_stored
 from services.tables import DicomInstanceRow
 
 log = logging.getLogger(__name__)
@@ -236,6 +237,8 @@ class DicomStore:
         try:
             with self.sessions.begin() as session:
                 session.add_all(rows)
+                # In the same transaction: a committed series always has its job.
+                enqueue_series_stored(session, {r.SeriesInstanceUID for r in rows})
         except IntegrityError:
             # Another writer indexed some of these UIDs meanwhile: settle them one by one.
             for i, _, data, _ in pending.values():

@@ -11,11 +11,13 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -98,7 +100,8 @@ class FhirResourceRow(Base):
     resource_type: Mapped[str] = mapped_column(String(64))
     identity: Mapped[str] = mapped_column(String(800))
     content_sha256: Mapped[str] = mapped_column(String(64))
-    #: active | entered-in-error | cancelled: only active resources enter the record.
+    #: active | entered-in-error | cancelled | merged | applied (see services.record_store):
+    #: only active resources enter the record.
     status: Mapped[str] = mapped_column(String(32), default="active")
     resource: Mapped[dict[str, Any]] = mapped_column(JSON)
     source: Mapped[str] = mapped_column(String(32))  # fhir | ndjson | hl7v2 | cds-prefetch
@@ -173,16 +176,29 @@ class JobRow(Base):
     """A durable background job; a lease makes a crashed worker's job runnable again."""
 
     __tablename__ = "jobs"
+    __table_args__ = (
+        # One *queued* job per (kind, dedupe_key), enforced by the database so that two
+        # concurrent enqueues cannot both insert. A running job does not count: it may
+        # already have read the data that the new request is about.
+        Index("uq_jobs_queued_dedupe", "kind", "dedupe_key", unique=True,
+              postgresql_where=text("status = 'queued' AND dedupe_key IS NOT NULL"),
+              sqlite_where=text("status = 'queued' AND dedupe_key IS NOT NULL")),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=_uuid)
     kind: Mapped[str] = mapped_column(String(64), index=True)
     #: One queued job per (kind, dedupe_key): re-ingest does not enqueue twice.
     dedupe_key: Mapped[str | None] = mapped_column(String(256))
     payload: Mapped[dict[str, Any]] = mapped_column(JSON)
-    status: Mapped[str] = mapped_column(String(16), index=True)  # queued|running|done|failed
+    #: queued | running | done | failed | superseded
+    status: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str | None] = mapped_column(Text)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: A queued job is not claimed before this time (retry backoff); None: at once.
+    run_after: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    #: The worker holding the lease; only it may complete or fail the job.
+    locked_by: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
@@ -214,7 +230,7 @@ class AccessLogCheckpointRow(Base):
     seq: Mapped[int] = mapped_column(Integer)
     head_hash: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    key_id: Mapped[str] = mapped_column(String(64))
+    key_id: Mapped[str] = mapped_column(String(80))  # "sha256:" + 64 hex digits
     signature: Mapped[str] = mapped_column(String(256))  # base64 Ed25519
 
 

@@ -11,6 +11,7 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import make_url
 
 from services.db import make_engine, migrate
+from tests.service_model import SynthModel, build_synth_model
 
 IN_CI = os.environ.get("CI") == "true"
 
@@ -50,3 +51,9 @@ def db_engine(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     with admin.connect() as conn:
         conn.execute(text(f'DROP DATABASE "{name}" WITH (FORCE)'))
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def service_model(tmp_path_factory: pytest.TempPathFactory) -> SynthModel:
+    """The small synth cohort and the model trained on it, built once per test session."""
+    return build_synth_model(tmp_path_factory.mktemp("service-model"))

@@ -41,7 +41,10 @@ def get_session(request: Request) -> Iterator[Session]:
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]
 DicomStoreDep = Annotated[DicomStore, Depends(get_dicom_store)]
-SessionDep = Annotated[Session, Depends(get_session)]
+# scope="function": the transaction commits before the response is sent, so a client
+# never gets a 2xx for a commit that then fails, and the access-log middleware (which
+# writes after the route) never waits on the route's open transaction.
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 _bearer = HTTPBearer(auto_error=False, description="A JWT from the hospital's identity "
                      "provider or the built-in issuer (POST /auth/token).")

@@ -39,6 +39,10 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     #: Calling AE titles allowed to associate; empty means none is allowed.
     dicom_allowed_aets: list[str] = []
+    #: HL7 v2 MLLP listener (one ACK per message), started with the service when enabled.
+    mllp_enabled: bool = False
+    #: Port of the MLLP listener (2575 is HL7's registered port); it listens on ``host``.
+    mllp_port: int = 2575
 
     #: The model artifact served; None serves no predictions (ingest and PACS still work).
     model_path: Path | None = None
@@ -46,6 +50,9 @@ class Settings(BaseSettings):
     model_trusted_keys: list[Path] = []
     #: Directory for the model's caches (image tensors, sentence vectors, saliency).
     cache_dir: Path | None = None
+
+    #: How long a background job's lease lasts; a crashed worker's job runs again after it.
+    job_lease_s: float = 300.0
 
     # -- access control: clinfuse is an OAuth 2.0 resource server -------------------
     #: The hospital identity provider's issuer (``iss``); None trusts only the built-in one.

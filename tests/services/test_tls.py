@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -29,7 +30,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _settings(root: Path, pki: Pki, **extra: object) -> Settings:
+def _settings(root: Path, pki: Pki, **extra: Any) -> Settings:
     return Settings(database_url=f"sqlite:///{root / 'db.sqlite'}", data_dir=root / "data",
                     tls_certfile=pki.server_cert, tls_keyfile=pki.server_key, **extra)
 

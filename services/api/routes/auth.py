@@ -1,8 +1,11 @@
 """OAuth endpoints of the built-in issuer and the SMART configuration.
 
-``POST /auth/token`` serves two grants: ``password`` for the demo's local users,
-and ``client_credentials`` with a signed JWT assertion for SMART Backend Services
-clients (``private_key_jwt``, RS384 or ES384, as SMART asks).
+``POST /auth/token`` serves three grants: ``password`` for the demo's local users,
+``client_credentials`` with a signed JWT assertion for SMART Backend Services
+clients (``private_key_jwt``, RS384 or ES384, as SMART asks), and
+``authorization_code`` with PKCE for the dashboard's SMART App Launch
+(:mod:`services.auth.smart_launch`), whose login and consent step is
+``/auth/authorize``.
 """
 
 from __future__ import annotations
@@ -10,10 +13,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from services.api.deps import SessionDep, SettingsDep, base_url
-from services.auth import backend_services
+from services.auth import backend_services, smart_launch
 from services.auth.tokens import AuthError
 
 router = APIRouter(tags=["Authorization"])
@@ -37,7 +40,11 @@ def token(request: Request, session: SessionDep, settings: SettingsDep,
           password: Annotated[str | None, Form()] = None,
           scope: Annotated[str | None, Form(examples=["system/*.read"])] = None,
           client_assertion_type: Annotated[str | None, Form()] = None,
-          client_assertion: Annotated[str | None, Form()] = None) -> JSONResponse:
+          client_assertion: Annotated[str | None, Form()] = None,
+          code: Annotated[str | None, Form(max_length=4000)] = None,
+          redirect_uri: Annotated[str | None, Form(max_length=2000)] = None,
+          client_id: Annotated[str | None, Form(max_length=128)] = None,
+          code_verifier: Annotated[str | None, Form(max_length=128)] = None) -> JSONResponse:
     issuer = getattr(request.app.state, "local_issuer", None)
     if issuer is None:
         return _oauth_error(400, "unsupported_grant_type",
@@ -61,12 +68,44 @@ def token(request: Request, session: SessionDep, settings: SettingsDep,
             access = backend_services.client_credentials_grant(
                 session, issuer, client_assertion, token_endpoint=endpoint, scope=scope or "",
                 ttl_s=min(settings.auth_token_ttl_s, 3600))
+        elif grant_type == "authorization_code":
+            if not code or not redirect_uri or not client_id or not code_verifier:
+                return _oauth_error(400, "invalid_request", "code, redirect_uri, client_id "
+                                    "and code_verifier (PKCE) are required")
+            access = smart_launch.exchange_code(session, issuer, code=code,
+                                                redirect_uri=redirect_uri, client_id=client_id,
+                                                code_verifier=code_verifier,
+                                                ttl_s=settings.auth_token_ttl_s)
         else:
             return _oauth_error(400, "unsupported_grant_type",
                                 f"grant_type {grant_type[:40]!r} is not supported")
     except AuthError as exc:
         return _oauth_error(400 if exc.error == "invalid_scope" else 401, exc.error, exc.message)
     return JSONResponse(access, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
+
+
+@router.get("/auth/authorize", summary="SMART App Launch authorization (demo login and consent)",
+            response_class=Response, responses={200: {"content": {"text/html": {}}},
+                                                302: {"description": "back to the client "
+                                                                     "with an error"}})
+def authorize(request: Request) -> Response:
+    from services.dashboard.consent import authorize_get
+
+    return authorize_get(request)
+
+
+@router.post("/auth/authorize", summary="Sign in and consent; redirects back with a code",
+             response_class=Response, responses={303: {"description": "back to the client "
+                                                                      "with a code or error"}})
+async def authorize_submit(request: Request, session: SessionDep) -> Response:
+    from starlette.concurrency import run_in_threadpool
+
+    from services.dashboard.consent import authorize_post
+
+    form = await request.form(max_files=0, max_fields=32)
+    fields = {k: v[:4000] for k, v in form.items() if isinstance(v, str)}
+    # Password hashing is CPU-bound: off the event loop.
+    return await run_in_threadpool(authorize_post, request, session, fields)
 
 
 @router.get("/auth/jwks.json", summary="The built-in issuer's public keys (JWKS)")

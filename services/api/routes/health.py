@@ -42,7 +42,7 @@ def readyz(request: Request) -> JSONResponse:
     storage = settings.dicom_storage_dir
     writable = storage.is_dir() and os.access(storage, os.W_OK)
     checks.append(_check("storage", writable, "writable" if writable else "not writable"))
-    worker = getattr(state, "job_worker", None)
+    worker = getattr(state, "jobs", None)
     if worker is None:
         checks.append(_check("job_queue", True, "no worker in this process"))
     else:

@@ -37,7 +37,7 @@ def upgrade() -> None:
         sa.Column("seq", sa.Integer(), nullable=False),
         sa.Column("head_hash", sa.String(length=64), nullable=False),
         sa.Column("at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("key_id", sa.String(length=64), nullable=False),
+        sa.Column("key_id", sa.String(length=80), nullable=False),
         sa.Column("signature", sa.String(length=256), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
@@ -75,12 +75,17 @@ def upgrade() -> None:
         sa.Column("attempts", sa.Integer(), nullable=False),
         sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("lease_until", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("run_after", sa.DateTime(timezone=True), nullable=True),
+        sa.Column("locked_by", sa.String(length=64), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("finished_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index(op.f("ix_jobs_kind"), "jobs", ["kind"], unique=False)
     op.create_index(op.f("ix_jobs_status"), "jobs", ["status"], unique=False)
+    op.create_index("uq_jobs_queued_dedupe", "jobs", ["kind", "dedupe_key"], unique=True,
+                    postgresql_where=sa.text("status = 'queued' AND dedupe_key IS NOT NULL"),
+                    sqlite_where=sa.text("status = 'queued' AND dedupe_key IS NOT NULL"))
     op.create_table(
         "users",
         sa.Column("username", sa.String(length=128), nullable=False),
@@ -180,6 +185,7 @@ def downgrade() -> None:
     op.drop_index(op.f("ix_fhir_resources_patient_id"), table_name="fhir_resources")
     op.drop_table("fhir_resources")
     op.drop_table("users")
+    op.drop_index("uq_jobs_queued_dedupe", table_name="jobs")
     op.drop_index(op.f("ix_jobs_status"), table_name="jobs")
     op.drop_index(op.f("ix_jobs_kind"), table_name="jobs")
     op.drop_table("jobs")

@@ -1,0 +1,125 @@
+"""The access log, read back: entries (pseudonymised for compliance) and chain verification.
+
+Compliance officers review who touched patient data without seeing which patient:
+patient ids are replaced by a keyed pseudonym (HMAC-SHA256 with a deployment
+secret), stable across requests so that one patient's accesses can still be
+followed. Admins see the opaque ids themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+
+from services.access_log import AccessLog, pseudonym, verify_chain
+from services.api.deps import SessionDep, SettingsDep, require
+from services.auth.principal import Principal, Role
+from services.core.config import Settings
+from services.tables import AccessLogRow
+
+router = APIRouter(prefix="/access-log", tags=["Access log"],
+                   responses={401: {"description": "no valid bearer token"},
+                              403: {"description": "only compliance and admin may read the "
+                                                   "access log"}})
+Reviewer = Annotated[Principal, require(Role.compliance)]
+
+PSEUDONYM_KEY_FILE = "pseudonym.key"
+
+
+def pseudonym_secret(settings: Settings) -> bytes:
+    """``CLINFUSE_PSEUDONYM_SECRET``, else a random key kept in the keys directory."""
+    if settings.pseudonym_secret:
+        return settings.pseudonym_secret.encode()
+    path = Path(settings.keys_dir) / PSEUDONYM_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Created 0600 from the start; O_EXCL: a concurrent creator wins, we read its key.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+    return path.read_bytes()
+
+
+class AccessLogEntry(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "seq": 42, "at": "2026-11-26T10:00:00Z", "subject": "dr-lee", "role": "clinician",
+        "action": "read", "resource": "GET /fhir/Patient/{id}/predictions",
+        "patient": "P-1f3a9c0e5b7d2a41", "purpose": "TREAT", "status": 200,
+        "hash": "5e0c...", "pseudonymised": True}]})
+
+    seq: int
+    at: datetime
+    subject: str
+    role: str
+    action: str
+    resource: str
+    #: The opaque patient id (admin) or its pseudonym (compliance); None: no patient.
+    patient: str | None
+    purpose: str | None
+    status: int
+    hash: str
+    pseudonymised: bool
+
+
+class ChainVerification(BaseModel):
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "ok": False, "entries": 1200, "checkpoints": 12, "last_checkpoint_seq": 1200,
+        "problems": ["entry 17: its contents do not match its hash (edited)"]}]})
+
+    ok: bool
+    entries: int
+    checkpoints: int
+    last_checkpoint_seq: int | None
+    problems: list[str]
+
+
+@router.get("", summary="Access-log entries, newest first",
+            response_model=list[AccessLogEntry])
+def list_entries(session: SessionDep, settings: SettingsDep, principal: Reviewer,
+                 since: Annotated[datetime | None, Query(description="at or after")] = None,
+                 until: Annotated[datetime | None, Query(description="before")] = None,
+                 subject: Annotated[str | None, Query(max_length=256)] = None,
+                 action: Annotated[str | None, Query(max_length=64)] = None,
+                 limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+                 offset: Annotated[int, Query(ge=0)] = 0) -> list[AccessLogEntry]:
+    query = select(AccessLogRow)
+    if since is not None:
+        query = query.where(AccessLogRow.at >= since)
+    if until is not None:
+        query = query.where(AccessLogRow.at < until)
+    if subject is not None:
+        query = query.where(AccessLogRow.subject == subject)
+    if action is not None:
+        query = query.where(AccessLogRow.action == action)
+    rows = session.scalars(query.order_by(AccessLogRow.seq.desc()).limit(limit)
+                           .offset(offset)).all()
+    # Only admins see which patient; everyone else gets the keyed pseudonym.
+    hide = principal.role is not Role.admin
+    secret = pseudonym_secret(settings) if hide else b""
+    return [AccessLogEntry(seq=r.seq, at=r.at, subject=r.subject, role=r.role, action=r.action,
+                           resource=r.resource,
+                           patient=pseudonym(r.patient_id, secret) if hide else r.patient_id,
+                           purpose=r.purpose, status=r.status, hash=r.hash, pseudonymised=hide)
+            for r in rows]
+
+
+@router.get("/verify", summary="Verify the hash chain and the signed checkpoints",
+            response_model=ChainVerification)
+def verify(request: Request, session: SessionDep, _: Reviewer) -> ChainVerification:
+    access_log: AccessLog = request.app.state.access_log
+    report = verify_chain(session, access_log.public_key)
+    return ChainVerification(ok=report.ok, entries=report.entries,
+                             checkpoints=report.checkpoints,
+                             last_checkpoint_seq=report.last_checkpoint_seq,
+                             problems=report.problems)

@@ -1,0 +1,1 @@
+"""The clinician and compliance dashboard: server-rendered pages under /dashboard."""
