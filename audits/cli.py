@@ -25,7 +25,7 @@ def main_audit(scores_csv: str | Path, sensitive: list[str] | None, out_dir: str
                threshold: float | str = "threshold",
                window: tuple[str | None, str | None] | None = None,
                min_group_size: int = 30, n_boot: int = 1000,
-               multiplicity: Multiplicity = "bh", intersections: int = 2,
+               multiplicity: Multiplicity = "holm", intersections: int = 2,
                reference: dict[str, str] | None = None, max_levels: int = 50,
                seed: int = 0) -> int:
     """Audit ``scores_csv`` and store the audit under ``out_dir``.

@@ -39,10 +39,16 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
-from scipy.stats import norm
 
 from audits._bootstrap import HistogramBootstrap
-from audits._metrics import METRICS, Binning, exact_metrics, hist_metrics, make_binning
+from audits._inference import (
+    adjust_families,
+    calibration_intercept_test,
+    design_effect,
+    rate_equality_test,
+    rate_ratio_test,
+)
+from audits._metrics import METRICS, Binning, _logit, exact_metrics, hist_metrics, make_binning
 from audits.table import MODALITY_COLUMNS, AuditInputError, ScoreTable, load_score_table
 
 __all__ = ["INSUFFICIENT", "AuditFrame", "FlagRules"]
@@ -74,15 +80,24 @@ class FlagRules:
     flag needs the point estimate beyond it *and* a 95 % CI excluding 0 *and*
     an adjusted p-value below ``alpha``. Selection rate uses the four-fifths
     rule instead: flagged only when the whole CI of the ratio lies below
-    ``four_fifths`` (or above its inverse).
+    ``four_fifths`` (or above its inverse). Calibration is judged on the
+    calibration intercept (log-odds; 0.1 is about a 10 % relative error in the
+    odds), whose test has power where an ECE gap has none (see
+    :mod:`audits._inference`).
+
+    ``multiplicity`` (default Holm: the chance of *any* false flag stays at
+    ``alpha``) is applied separately to single-attribute comparisons, at
+    ``(1 - intersection_share) alpha``, and to intersection comparisons, at
+    ``intersection_share alpha``.
     """
 
     four_fifths: float = 0.8
     min_gap: Mapping[str, float] = field(default_factory=lambda: {
-        "tpr": 0.1, "fpr": 0.1, "ppv": 0.1, "calibration_in_the_large": 0.02,
+        "tpr": 0.1, "fpr": 0.1, "ppv": 0.1, "calibration_intercept": 0.1,
         "missing_rate": 0.05})
     alpha: float = 0.05
-    multiplicity: Multiplicity = "bh"
+    multiplicity: Multiplicity = "holm"
+    intersection_share: float = 0.2
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -100,8 +115,9 @@ FAMILIES: dict[str, tuple[str, ...]] = {
                     "ece"),
     "modality missingness": ("missing_rate",),
 }
-# Metrics that enter the multiplicity family and can raise flags.
-_FLAGGED = ("selection_rate", "tpr", "fpr", "ppv", "calibration_in_the_large", "missing_rate")
+# Metrics that enter the multiplicity family and can raise flags. Calibration is tested
+# on the intercept (log-odds), not on calibration-in-the-large or ECE: see _inference.
+_FLAGGED = ("selection_rate", "tpr", "fpr", "ppv", "calibration_intercept", "missing_rate")
 
 
 @dataclass(frozen=True)
@@ -173,6 +189,9 @@ class AuditFrame:
         rules = rules or FlagRules()
         if rules.multiplicity not in _MULTIPLICITY:
             raise ValueError(_INVALID_MULTIPLICITY.format(rules.multiplicity, _MULTIPLICITY))
+        if not 0.0 <= rules.intersection_share < 1.0:
+            raise ValueError(f"intersection_share must be in [0, 1), got "
+                             f"{rules.intersection_share!r}")
         self.table = scores
         self.sensitive = list(sensitive) if sensitive is not None else list(scores.sensitive)
         self.threshold = scores.threshold
@@ -315,6 +334,13 @@ class AuditFrame:
             (full["calibration_slope"][:, 0], 1.0)))
         reps = engine.run(self.n_boot, rng, lambda h: hist_metrics(
             h, self.binning, init=init, steps=4))
+        # Kept for the calibration-intercept test: full-data histograms and each fine
+        # bin's mean logit (the exact rows' logits, not the bin's midpoint).
+        self._hist_full = engine.full
+        idx = self.binning.index(self._s)
+        count = np.bincount(idx, minlength=self.binning.n_bins)
+        self._bin_logit = np.bincount(idx, weights=_logit(self._s),
+                                      minlength=self.binning.n_bins) / np.maximum(count, 1)
         exact = self._points
         # Shift each replicate by the binning error on the full data (see module docstring).
         self._reps = {m: reps[m] + (exact[m].to_numpy() - full[m][:, 0])[:, None]
@@ -390,7 +416,9 @@ class AuditFrame:
         events over events, ...). Per group this keeps ``A = sum a``, ``B = sum b``
         and, over patients ``i`` (within a finest cell), ``sum a_i^2``, ``sum a_i b_i``
         and ``sum b_i^2`` of the patient totals: the variance of the ratio at any
-        hypothesised value ``t`` is then ``sum (a_i - t b_i)^2 / B^2``.
+        hypothesised value ``t`` is then ``sum (a_i - t b_i)^2 / B^2``. The same three
+        sums over rows (``_row_sums``) give the design effect of several rows per
+        patient (:func:`audits._inference.design_effect`).
         """
         flag = (self._s >= self.threshold).astype(float)
         y = self._y.astype(float)
@@ -408,8 +436,12 @@ class AuditFrame:
             ukey, pc = np.unique(key, return_inverse=True)
             pc_cell = ukey % n_cells
         self._test_sums: dict[str, np.ndarray] = {}
+        self._row_sums: dict[str, np.ndarray] = {}
         for name, (a, b) in rows.items():
             if pc is not None:
+                row_cell = np.stack([np.bincount(self._cell, weights=v, minlength=n_cells)
+                                     for v in (a * a, a * b, b * b)])
+                self._row_sums[name] = self._membership @ row_cell.T  # (groups, 3)
                 a = np.bincount(pc, weights=a)
                 b = np.bincount(pc, weights=b)
             per_cell = np.stack([np.bincount(pc_cell, weights=v, minlength=n_cells)
@@ -429,9 +461,43 @@ class AuditFrame:
                             "calibration_intercept": both, "calibration_slope": both, "": n}
         return float(self._denoms.get(metric, self._denoms[""])[i])
 
+    def _deff(self, label: str, i: int, r: int, t: float) -> float:
+        """Design effect of a comparison at the pooled null value ``t`` (1: one row each)."""
+        if label not in self._row_sums:
+            return 1.0
+        s = self._test_sums[label][i] + self._test_sums[label][r]
+        rs = self._row_sums[label][i] + self._row_sums[label][r]
+        return design_effect(float(s[2] - 2 * t * s[3] + t * t * s[4]),
+                             float(rs[0] - 2 * t * rs[1] + t * t * rs[2]))
+
+    def _p_value(self, metric: str, label: str, i: int, r: int) -> float:
+        """Two-sided p of one rate comparison (see :mod:`audits._inference`)."""
+        g, ref = self._test_sums[label][i], self._test_sums[label][r]
+        t = float((g[0] + ref[0]) / (g[1] + ref[1])) if g[1] + ref[1] > 0 else 0.0
+        deff = self._deff(label, i, r, t)
+        if metric == "selection_rate":
+            return rate_ratio_test(g[0], g[1], ref[0], ref[1], self.rules.four_fifths, deff)
+        return rate_equality_test(g[0], g[1], ref[0], ref[1], deff)
+
+    def _calibration_p(self) -> dict[tuple[int, int], float]:
+        """Calibration-intercept score test of every comparison, in one vectorised pass."""
+        pairs = list(dict.fromkeys((i, r) for i, r, _ in self._comparisons))
+        if not pairs:
+            return {}
+        gi, ri = np.array(pairs).T
+        deff = np.array([self._deff("calibration_in_the_large", int(i), int(r),
+                                    float((self._test_sums["calibration_in_the_large"][i, 0]
+                                           + self._test_sums["calibration_in_the_large"][r, 0])
+                                          / max(self._group_n[i] + self._group_n[r], 1.0)))
+                         for i, r in pairs])
+        _, p = calibration_intercept_test(self._hist_full[gi], self._hist_full[ri],
+                                          self._bin_logit, deff)
+        return {pair: float(v) for pair, v in zip(pairs, p, strict=True)}
+
     def _compute_disparities(self) -> None:
         rows: list[dict[str, Any]] = []
         lo_q, hi_q = 50 * (1 - self.ci_level), 100 - 50 * (1 - self.ci_level)
+        cal_p = self._calibration_p()
         for i, r, attribute in self._comparisons:
             g, ref = self.groups[i], self.groups[r]
             metric_sources: list[tuple[str, str, np.ndarray, np.ndarray, float, float]] = []
@@ -448,27 +514,37 @@ class AuditFrame:
                                        float(self._miss_points[c].iloc[r])))
             for metric, label, rep_g, rep_r, pg, pr in metric_sources:
                 enough = min(self._denominator(metric, i), self._denominator(metric, r))
-                sums = self._test_sums.get(label)
+                p_value: float | None = None
+                if metric == "calibration_intercept":
+                    p_value = cal_p.get((i, r))
+                elif metric in _FLAGGED and label in self._test_sums:
+                    p_value = self._p_value(metric, label, i, r)
                 rec = _compare(metric, label, rep_g, rep_r, pg, pr, lo_q, hi_q, self.rules,
-                               None if sums is None else (sums[i], sums[r]),
-                               enough >= self.min_events)
+                               p_value, enough >= self.min_events)
                 rec.update({"dimension": g.dim_name, "group": g.name, "reference": ref.name,
                             "attribute": attribute, "n_group": float(self._group_n[i]),
-                            "n_reference": float(self._group_n[r])})
+                            "n_reference": float(self._group_n[r]),
+                            "tier": "intersection" if len(g.dimension) > 1
+                            else "single attribute"})
                 rows.append(rec)
         table = pd.DataFrame(rows)
         self.n_tests = 0
+        self.n_tests_by_tier = {"single attribute": 0, "intersection": 0}
         if table.empty:
             self._disparities = table
             return
         tested = table["tested"].to_numpy(bool)
         p = table["p_value"].to_numpy(float)
+        secondary = (table["tier"] == "intersection").to_numpy(bool)
         adj = np.full(p.size, np.nan)
-        adj[tested] = _adjust(p[tested], self.rules.multiplicity)
+        adj[tested] = adjust_families(p[tested], secondary[tested], self.rules.multiplicity,
+                                      self.rules.intersection_share)
         table["p_adjusted"] = adj
         table["flagged"] = tested & table["meets_threshold"] & table["ci_excludes_null"] & (
             np.nan_to_num(adj, nan=1.0) < self.rules.alpha)
         self.n_tests = int(tested.sum())
+        self.n_tests_by_tier = {"single attribute": int((tested & ~secondary).sum()),
+                                "intersection": int((tested & secondary).sum())}
         self._disparities = table
 
     # ----------------------------------------------------------------- public API
@@ -675,6 +751,7 @@ class AuditFrame:
             "sensitive": self.sensitive,
             "intersections": self.intersections, "rules": self.rules.to_dict(),
             "n_tests": getattr(self, "n_tests", 0),
+            "n_tests_by_tier": dict(getattr(self, "n_tests_by_tier", {})),
             "reference": {k: v.name for k, v in self.reference.items()},
             "groups": groups,
             "disparities": _records(disp),
@@ -711,14 +788,14 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 def _compare(metric: str, label: str, rep_g: np.ndarray, rep_r: np.ndarray, pg: float,
              pr: float, lo_q: float, hi_q: float, rules: FlagRules,
-             sums: tuple[np.ndarray, np.ndarray] | None = None,
-             enough_events: bool = True) -> dict[str, Any]:
+             p_value: float | None = None, enough_events: bool = True) -> dict[str, Any]:
     """Difference and ratio of one group against its comparator, with CIs and a test.
 
     Intervals are bootstrap percentiles. The p-value (for the multiplicity
-    correction) is a patient-clustered score test (:func:`_score_test`): its
-    variance is taken under the null hypothesis, so it stays valid where a
-    bootstrap collapses (e.g. a group whose few events were all flagged).
+    correction) comes from :mod:`audits._inference`: an exact test for rates, the
+    Farrington-Manning score test for the four-fifths rule and a score test for
+    calibration intercepts, all valid where a bootstrap collapses (e.g. a group
+    whose few events were all flagged).
     """
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -738,7 +815,7 @@ def _compare(metric: str, label: str, rep_g: np.ndarray, rep_r: np.ndarray, pg: 
                            "ratio_lower": float(r_lo), "ratio_upper": float(r_hi),
                            "tested": False, "p_value": np.nan, "meets_threshold": False,
                            "ci_excludes_null": False, "rule": ""}
-    if metric not in _FLAGGED or sums is None:
+    if metric not in _FLAGGED or p_value is None:
         return rec
     if not enough_events:
         rec["rule"] = "not tested: too few events"
@@ -746,65 +823,17 @@ def _compare(metric: str, label: str, rep_g: np.ndarray, rep_r: np.ndarray, pg: 
     if not (math.isfinite(diff) and np.isfinite(d_rep).sum() > 10):
         return rec
     rec["tested"] = True
-    binary = metric != "calibration_in_the_large"
+    rec["p_value"] = float(p_value)
     if metric == "selection_rate":
         ff = rules.four_fifths
-        rec["p_value"] = _score_test(sums[0], sums[1], ff, binary)
         rec["meets_threshold"] = bool(ratio < ff or ratio > 1 / ff)
         rec["ci_excludes_null"] = bool(r_hi < ff or r_lo > 1 / ff)
         rec["rule"] = f"selection-rate ratio CI wholly outside [{ff:g}, {1 / ff:.3g}]"
         return rec
     gap = rules.min_gap.get(metric, 0.0)
-    rec["p_value"] = _score_test(sums[0], sums[1], 1.0, binary)
     rec["meets_threshold"] = bool(abs(diff) > gap)
     rec["ci_excludes_null"] = bool(d_lo > 0 or d_hi < 0)
     rec["rule"] = f"|difference| > {gap:g} and CI excludes 0"
     return rec
 
 
-def _score_test(g: np.ndarray, r: np.ndarray, ratio: float, binary: bool) -> float:
-    """Two-sided p-value of a patient-clustered score test of ``theta_g = ratio theta_r``.
-
-    ``ratio = 1`` tests equal values; ``ratio = 0.8`` the four-fifths boundary, on
-    the side the data fall (the smaller rate over the larger), doubled. ``g`` and
-    ``r`` hold ``(A, B, sum a_i^2, sum a_i b_i, sum b_i^2)`` of the two groups (see
-    ``AuditFrame._compute_test_sums``). The variance of each ratio ``A / B`` is
-    evaluated at the estimate constrained by the null, not at the observed
-    value, so a group with all (or none) of its few events flagged is not treated
-    as known exactly, as a bootstrap or Wald test would.
-    """
-    if ratio != 1.0 and g[0] / g[1] > r[0] / r[1]:  # smaller rate over the larger
-        g, r = r, g
-    theta_g, theta_r = g[0] / g[1], r[0] / r[1]
-    t_r = (g[0] + r[0]) / (ratio * g[1] + r[1])  # same totals as observed, under the null
-    if binary:
-        t_r = min(max(t_r, 0.0), 1.0)
-    t_g = ratio * t_r
-
-    def var(s: np.ndarray, t: float) -> float:
-        return float((s[2] - 2 * t * s[3] + t * t * s[4]) / (s[1] * s[1]))
-
-    v = var(g, t_g) + ratio * ratio * var(r, t_r)
-    d = theta_g - ratio * theta_r
-    if not (v > 0 and math.isfinite(d)):
-        return 1.0
-    z = d / math.sqrt(v)
-    if ratio == 1.0:
-        return float(min(1.0, 2 * norm.sf(abs(z))))
-    return float(min(1.0, 2 * norm.cdf(z)))
-
-
-def _adjust(p: np.ndarray, method: str) -> np.ndarray:
-    """Holm (family-wise error) or Benjamini-Hochberg (false discovery rate) adjusted p."""
-    m = p.size
-    if m == 0:
-        return p
-    order = np.argsort(p)
-    ranked = p[order]
-    if method == "holm":
-        adj = np.maximum.accumulate((m - np.arange(m)) * ranked)
-    else:
-        adj = np.minimum.accumulate((m / np.arange(1, m + 1) * ranked)[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(adj, 1.0)
-    return out

@@ -13,7 +13,7 @@ import io
 import json
 import math
 import textwrap
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -49,7 +49,9 @@ METRIC_MEANING: dict[str, str] = {
     "brier": "Average squared gap between the predicted risk and what happened "
              "(lower is better).",
     "ece": "Average gap between predicted risk and observed outcome rate across risk "
-           "levels (lower is better).",
+           "levels (lower is better). Chance alone makes it larger in small groups, so "
+           "differences in ECE are shown but never flagged; the calibration intercept is "
+           "tested instead.",
     "calibration_in_the_large": "How much the model over- (positive) or under- (negative) "
                                 "states these patients' average risk, in probability points.",
     "calibration_intercept": "Whether predicted risks are systematically too high (negative) "
@@ -66,6 +68,16 @@ _LABEL = {"n": "n", "prevalence": "Prevalence", "auroc": "AUROC", "auprc": "AUPR
           "calibration_intercept": "Calibration intercept",
           "calibration_slope": "Calibration slope", "missing_rate": "Missing rate"}
 _MULT = {"bh": "Benjamini-Hochberg (false discovery rate)", "holm": "Holm (family-wise error)"}
+
+
+def multiplicity_statement(audit: AuditFrame) -> str:
+    """How the flags are corrected for multiple comparisons, in one sentence."""
+    rules, tiers = audit.rules, getattr(audit, "n_tests_by_tier", {})
+    share = rules.intersection_share
+    return (f"{_MULT[rules.multiplicity]}, alpha {rules.alpha:g} split between "
+            f"{tiers.get('single attribute', 0)} single-attribute tests (alpha "
+            f"{rules.alpha * (1 - share):.3g}) and {tiers.get('intersection', 0)} "
+            f"intersection tests (alpha {rules.alpha * share:.3g})")
 _COLOURS = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 _STYLES = ("-", "--", "-.", ":")
 
@@ -91,11 +103,17 @@ def _finding(row: dict[str, Any]) -> str:
                 f"{row['value_reference']:.0%} of {ref} patients (ratio {row['ratio']:.2f}, "
                 f"95% CI {row['ratio_lower']:.2f} to {row['ratio_upper']:.2f}): outside the "
                 f"four-fifths range.")
-    if metric == "calibration_in_the_large":
-        way = "overstates" if row["difference"] > 0 else "understates"
-        return (f"Compared with {ref} patients, the model {way} the risk of {who} patients by "
-                f"{abs(row['difference']):.1%} points (95% CI {lo:+.1%} to {hi:+.1%}): their "
-                f"risk scores mean something different.")
+    if metric == "calibration_intercept":
+        # Intercept a in logit P(y) = a + logit(score): a lower a means fewer outcomes
+        # than the scores promise, i.e. overstated risk. exp(difference) is the odds
+        # ratio of the outcome, group vs reference, at the same score.
+        way = "overstates" if row["difference"] < 0 else "understates"
+        change = math.exp(row["difference"]) - 1
+        return (f"Compared with {ref} patients, the model {way} the risk of {who} patients: "
+                f"at the same score, their odds of the outcome are {abs(change):.0%} "
+                f"{'lower' if change < 0 else 'higher'} (calibration intercept difference "
+                f"{row['difference']:+.2f} log-odds, 95% CI {lo:+.2f} to {hi:+.2f}). The same "
+                f"risk score means something different for them.")
     name = {"tpr": "catches", "fpr": "raises false alarms for", "ppv": "is right when it flags"}
     return (f"The model {name.get(metric, metric)} {row['value_group']:.0%} of {who} patients "
             f"versus {row['value_reference']:.0%} of {ref} patients (difference "
@@ -169,7 +187,7 @@ def build_record(audit: AuditFrame, *, audit_id: str, created: str | None = None
         "data_fingerprint": {"sha256": t.fingerprint, "source": t.source},
         "threshold": {"value": audit.threshold, "source": t.threshold_source},
         "n_refused": t.n_refused,
-        "multiplicity": _MULT[audit.rules.multiplicity],
+        "multiplicity": multiplicity_statement(audit),
         "summary": plain_summary(audit),
         "metric_meaning": METRIC_MEANING,
         "results": audit.to_dict(),
@@ -193,16 +211,21 @@ def _curves_figure(audit: AuditFrame, kind: str) -> Figure:
     for ax, (dim, idx) in zip(axes.ravel(), dims.items(), strict=False):
         for k, i in enumerate(idx):
             style = {"color": _COLOURS[k % len(_COLOURS)], "linestyle": _STYLES[k % 4]}
-            name = audit.groups[i].name[:28]
+            name = textwrap.shorten(audit.groups[i].name, 40, placeholder="...")
             if kind == "roc":
                 fpr, tpr = audit.roc(i)
                 auc = audit._points["auroc"].iloc[i]
                 ax.plot(fpr, tpr, label=f"{name} ({_fmt(float(auc), 2)})", **style)
             else:
-                ms, my, _ = audit.reliability(i)
-                ax.plot(ms, my, marker="o", markersize=3, label=name, **style)
+                # A bin of a few patients swings between 0 and 1 and would look like
+                # gross miscalibration; like every small cell, it is not shown.
+                ms, my, cnt = audit.reliability(i)
+                keep = cnt >= audit.min_group_size
+                ax.plot(ms[keep], my[keep], marker="o", markersize=3, label=name, **style)
         ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
-        ax.set_title(f"{'ROC' if kind == 'roc' else 'Calibration'} by {dim}", fontsize=10)
+        ax.set_title(f"ROC by {dim}" if kind == "roc" else
+                     f"Calibration by {dim} (risk bins of >= {audit.min_group_size} patients)",
+                     fontsize=10)
         ax.set_xlabel("false-alarm rate (FPR)" if kind == "roc" else "predicted risk")
         ax.set_ylabel("sensitivity (TPR)" if kind == "roc" else "observed outcome rate")
         ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper left")
@@ -212,36 +235,65 @@ def _curves_figure(audit: AuditFrame, kind: str) -> Figure:
     return fig
 
 
+#: Forest-plot panels: each metric is drawn on the scale its rule uses, never mixed.
+_PANELS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("rates", ("tpr", "fpr", "ppv", "missing_rate"),
+     "difference from the reference group (proportion; 0.10 = 10 percentage points)"),
+    ("selection", ("selection_rate",),
+     "selection-rate ratio to the reference group (four-fifths rule: 0.8 to 1.25)"),
+    ("calibration", ("calibration_intercept",),
+     "calibration intercept difference (log-odds; below 0: risk overstated)"),
+)
+
+
+def _row_label(r: Mapping[Any, Any]) -> str:
+    """Full group and comparator names (cutting a name can turn "Black & 80+" into
+    "Black", which reads as a different group)."""
+    comp = str(r["comparison"])
+    what = _LABEL.get(str(r["metric"]), str(r["metric"]))
+    if ":" in comp:
+        what += ": " + comp.split(":", 1)[1].replace("has_", "")
+    return textwrap.fill(f"{r['group']} vs {r['reference']} - {what}", 60)
+
+
 def _forest_figure(audit: AuditFrame, max_rows: int = 30) -> Figure:
     d = audit.disparities
-    if d.empty:
+    if d.empty or not d["tested"].any():
         fig = plt.figure(figsize=(8, 1.5))
         fig.text(0.05, 0.5, "No comparisons (every group below the minimum size).")
         return fig
     d = d[d["tested"]].copy()
     d["single"] = d["dimension"].str.count(" x ") == 0
     d = d.sort_values(["flagged", "single", "p_adjusted"], ascending=[False, False, True])
-    d = d.head(max_rows).iloc[::-1]
-    fig, ax = plt.subplots(figsize=(9, 0.32 * len(d) + 1.4))
-    y = range(len(d))
-    colours = ["#D55E00" if f else "#0072B2" for f in d["flagged"]]
-    is_ratio = d["metric"] == "selection_rate"
-    value = d["difference"].where(~is_ratio, d["ratio"] - 1)
-    lo = d["difference_lower"].where(~is_ratio, d["ratio_lower"] - 1)
-    hi = d["difference_upper"].where(~is_ratio, d["ratio_upper"] - 1)
-    ax.hlines(list(y), lo, hi, colors=colours)
-    ax.scatter(value, list(y), c=colours, zorder=3, s=14)
-    ax.axvline(0, color="grey", linewidth=0.8)
-    labels = []
-    for r in d.to_dict(orient="records"):
-        comp = str(r["comparison"])
-        extra = " " + comp.split(":")[1].replace("has_", "") if ":" in comp else ""
-        labels.append(f"{str(r['group'])[:26]} ({str(r['dimension'])[:22]}): "
-                      f"{_LABEL.get(str(r['metric']), str(r['metric']))}{extra}")
-    ax.set_yticks(list(y), labels, fontsize=7)
-    ax.set_xlabel("difference from reference group (selection rate: ratio - 1); "
-                  "orange = flagged", fontsize=8)
-    ax.set_title("Disparities with 95% CIs (most important first)", fontsize=10)
+    d = d.head(max_rows)
+    panels = [(name, d[d["metric"].isin(metrics)].iloc[::-1], xlabel)
+              for name, metrics, xlabel in _PANELS]
+    panels = [p for p in panels if len(p[1])]
+    lines = [sum(int(_row_label(r).count("\n")) + 1 for r in part.to_dict(orient="records"))
+             for _, part, _ in panels]
+    fig, axes = plt.subplots(len(panels), 1, squeeze=False,
+                             figsize=(10, 0.3 * sum(lines) + 1.1 * len(panels) + 0.6),
+                             gridspec_kw={"height_ratios": [max(n, 1.5) for n in lines]})
+    for ax, (name, part, xlabel) in zip(axes[:, 0], panels, strict=True):
+        y = list(range(len(part)))
+        colours = ["#D55E00" if f else "#0072B2" for f in part["flagged"]]
+        if name == "selection":
+            value, lo, hi = part["ratio"], part["ratio_lower"], part["ratio_upper"]
+            ff = audit.rules.four_fifths
+            ax.axvspan(ff, 1 / ff, color="#eeeeee", zorder=0)
+            ax.axvline(1, color="grey", linewidth=0.8)
+        else:
+            value, lo, hi = part["difference"], part["difference_lower"], part["difference_upper"]
+            ax.axvline(0, color="grey", linewidth=0.8)
+        ax.hlines(y, lo, hi, colors=colours)
+        ax.scatter(value, y, c=colours, zorder=3, s=14)
+        ax.set_yticks(y, [_row_label(r) for r in part.to_dict(orient="records")], fontsize=7)
+        ax.set_ylim(-0.7, len(part) - 0.3)
+        ax.set_xlabel(xlabel, fontsize=8)
+    axes[0, 0].set_title(f"Disparities with 95% CIs (not adjusted; flags are): the "
+                         f"{len(d)} most important of "
+                         f"{int(audit.disparities['tested'].sum())} tested comparisons "
+                         f"(orange = flagged)", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -298,18 +350,31 @@ def _disparity_rows(record: dict[str, Any]) -> tuple[list[list[str]], list[bool]
     disp = sorted(record["results"]["disparities"],
                   key=lambda r: (not r["flagged"], not r["tested"], r["p_adjusted"] or 1.0))
     for r in disp:
-        if not r["tested"] and r["metric"] not in ("calibration_intercept", "calibration_slope",
-                                                   "ece", "auroc"):
+        if not r["tested"] and r["metric"] not in ("calibration_in_the_large",
+                                                   "calibration_slope", "ece", "auroc"):
             continue
+        # A ratio of two signed quantities centred at 0 (calibration intercepts, or
+        # calibration-in-the-large) is meaningless, so only the difference is shown.
+        signed = r["metric"] in _SIGNED
         rows.append([r["dimension"], r["group"], r["reference"],
                      r["comparison"].replace("missing_rate:has_", "missing: "),
                      r["family"] or "-", _fmt(r["difference"]),
                      f"[{_fmt(r['difference_lower'])}, {_fmt(r['difference_upper'])}]",
-                     _fmt(r["ratio"]), f"[{_fmt(r['ratio_lower'])}, {_fmt(r['ratio_upper'])}]",
-                     _fmt(r["p_adjusted"], 4) if r["tested"] else "not tested",
+                     "-" if signed else _fmt(r["ratio"]),
+                     "-" if signed else f"[{_fmt(r['ratio_lower'])}, {_fmt(r['ratio_upper'])}]",
+                     _p(r["p_adjusted"]) if r["tested"] else "not tested",
                      "FLAG" if r["flagged"] else ""])
         flags.append(bool(r["flagged"]))
     return rows, flags
+
+
+_SIGNED = ("calibration_intercept", "calibration_in_the_large")
+
+
+def _p(v: Any) -> str:
+    if v is None or not math.isfinite(v):
+        return "n/a"
+    return "<0.0001" if v < 1e-4 else f"{v:.4f}"
 
 
 _DISP_HEADER = ["dimension", "group", "reference", "metric", "family", "difference", "95% CI",
@@ -334,7 +399,7 @@ def _provenance_rows(record: dict[str, Any]) -> list[list[str]]:
                                            if " x " not in k)],
             ["Intervals", f"{res['ci_level']:.0%} percentile, patient-level Poisson bootstrap, "
                           f"{res['n_boot']} resamples over {res['n_bins']} score bins"],
-            ["Multiple comparisons", f"{record['multiplicity']} over {res['n_tests']} tests"],
+            ["Multiple comparisons", str(record["multiplicity"])],
             ["Minimum group size", f"{res['min_group_size']} (smaller: \"{INSUFFICIENT}\")"]]
 
 
@@ -342,14 +407,24 @@ def _method_text(record: dict[str, Any]) -> str:
     rules = record["results"]["rules"]
     gaps = ", ".join(f"{_LABEL.get(k, k)} > {v:g}" for k, v in rules["min_gap"].items())
     return (f"A disparity is flagged only if its 95% CI excludes no difference, its size "
-            f"exceeds the rule ({gaps}; selection rate: four-fifths rule, whole CI of the "
-            f"ratio below {rules['four_fifths']:g} or above {1 / rules['four_fifths']:.3g}), "
-            f"and it stays significant after {record['multiplicity']} correction at "
-            f"alpha = {rules['alpha']:g}; the p-values come from a score test that "
-            f"treats each patient as one unit and takes its variance under no difference, "
-            f"so small groups are not over-trusted. Comparisons of event-based rates (TPR, "
-            f"FPR, PPV) are tested only when both groups have at least "
-            f"{record['results'].get('min_events', 10)} patients in the rate's denominator. "
+            f"exceeds the rule ({gaps}; calibration intercept in log-odds; selection rate: "
+            f"four-fifths rule, whole CI of the ratio below {rules['four_fifths']:g} or above "
+            f"{1 / rules['four_fifths']:.3g}), and its p-value stays below alpha after "
+            f"correction for multiple comparisons ({record['multiplicity']}). The 95% CIs "
+            f"are per comparison, so a CI can exclude no difference without a flag. Holm "
+            f"keeps the "
+            f"chance of even one false flag in the whole audit at alpha; intersections get "
+            f"their own small share so that their many small cells do not drown the "
+            f"single-attribute comparisons. The p-values: rates (TPR, FPR, PPV, missing "
+            f"data) by Fisher's exact test, which stays valid for groups with few events; "
+            f"the four-fifths rule by the Farrington-Manning score test; calibration by a "
+            f"score test of equal calibration intercepts (does the same score mean the same "
+            f"risk in both groups?). ECE is not tested: it is positive even for a perfectly "
+            f"calibrated model, more so in small groups. Patients with several encounters "
+            f"count once, through a design effect. Event-based comparisons (TPR, FPR, PPV, "
+            f"calibration) are tested only when both groups have at least "
+            f"{record['results'].get('min_events', 10)} patients in the denominator (for "
+            f"calibration: of each outcome). "
             f"An intersection (e.g. Black & 65-79) is compared with the group that differs "
             f"only in the attribute being audited (White & 65-79), so an effect of the other "
             f"attribute is not mistaken for one of this attribute. Equalized-odds gaps (TPR "
@@ -357,12 +432,17 @@ def _method_text(record: dict[str, Any]) -> str:
             f"cancel.")
 
 
+def _count(v: Any) -> str:
+    """A count as a whole number; a suppressed one ("<30") as it is."""
+    return f"{v:.0f}" if isinstance(v, int | float) else str(v)
+
+
 def _missing_rows(record: dict[str, Any]) -> list[list[str]]:
     rows = []
     for r in record["results"]["missingness_performance"]:
         if r["auroc_diff"] is None and r["brier_diff"] is None:
-            rows.append([r["dimension"], r["group"], r["modality"], str(r["n_missing"]),
-                         str(r["n_present"]), INSUFFICIENT, "", ""])
+            rows.append([r["dimension"], r["group"], r["modality"], _count(r["n_missing"]),
+                         _count(r["n_present"]), INSUFFICIENT, "", ""])
             continue
         rows.append([r["dimension"], r["group"], r["modality"], f"{r['n_missing']:.0f}",
                      f"{r['n_present']:.0f}",
@@ -454,7 +534,15 @@ def render_pdf(audit: AuditFrame, record: dict[str, Any], path: Path) -> None:
     """The same report as a PDF (matplotlib PdfPages)."""
     prov = [f"{k}: {v}" for k, v in _provenance_rows(record)]
     disp_rows, _disp_flags = _disparity_rows(record)
-    disp_lines = [" | ".join(f"{c[:28]}" for c in r) for r in disp_rows[:120]]
+    # One entry per comparison with the full group names (the HTML has every column).
+    disp_lines = []
+    for r in disp_rows[:150]:
+        dim, group, ref, metric, _family, diff, ci, ratio, ratio_ci, p_adj, flag = r
+        disp_lines.append(f"{flag or '    '}  {dim}: {group} vs {ref} | {metric} | difference "
+                          f"{diff} {ci} | ratio {ratio} {ratio_ci} | adjusted p {p_adj}")
+    if len(disp_rows) > 150:
+        disp_lines.append(f"... {len(disp_rows) - 150} more comparisons in report.html and "
+                          f"audit.json")
     group_lines = [" | ".join(r[:3] + r[3:10]) for r in _group_rows(record, _TABLE_METRICS[:7])]
     meaning = [f"{_LABEL[k]}: {v}" for k, v in METRIC_MEANING.items()]
     with PdfPages(path) as pdf:
@@ -464,8 +552,7 @@ def render_pdf(audit: AuditFrame, record: dict[str, Any], path: Path) -> None:
                     _curves_figure(audit, "calibration")):
             pdf.savefig(fig)
             plt.close(fig)
-        _text_page(pdf, "Disparities (flagged first)",
-                   [" | ".join(_DISP_HEADER), *disp_lines], mono=True)
+        _text_page(pdf, "Disparities (flagged first)", disp_lines, mono=True)
         _text_page(pdf, "Metrics by group: value [95% CI]",
                    [" | ".join(["dimension", "group", "n",
                                 *[_LABEL[m] for m in _TABLE_METRICS[:7]]]), *group_lines],

@@ -102,6 +102,16 @@ def load_score_table(source: str | Path | pd.DataFrame, *,
     where = "the score table"
     if isinstance(source, pd.DataFrame):
         df = source.copy()
+        # An in-memory table has no file bytes; its fingerprint hashes the column names
+        # and pandas' per-row hashes (fast even for a million rows), so a report built
+        # from it can still be tied to its data.
+        digest = hashlib.sha256("\x1f".join(map(str, df.columns)).encode())
+        try:
+            digest.update(pd.util.hash_pandas_object(df, index=False).to_numpy().tobytes())
+            fingerprint = digest.hexdigest()
+            where = "in-memory table (sha256 of column names and pandas row hashes)"
+        except TypeError:  # unhashable cells (lists, dicts): report no fingerprint
+            fingerprint = None
     else:
         path = Path(source)
         where = str(path)

@@ -8,12 +8,25 @@ symptoms, age, sex), cross-fitted over two folds so every patient gets an
 out-of-fold score. With ``bias=True`` the recorded lactate of Black patients is
 42 % high, so this score over-predicts risk for them: the planted miscalibration.
 Modality availability comes from the cohort's withheld flags.
+
+Without ``--bias`` race and ethnicity are drawn independently of everything else
+in the generator (``pipelines/synth/patient.py``), so every race or ethnicity
+flag on a no-bias cohort is a false one. Age and sex do drive risk, so flags on
+them are real and not counted.
+
+The planted miscalibration is about 0.2 on the log-odds scale (3 probability
+points). Its test statistic grows with the square root of the number of Black
+patients; at 10,000 patients (about 2,000 Black) it is about 3.5 standard errors,
+near the Holm threshold for some 90 single-attribute comparisons, so the full run
+audits each seed at 10,000 (the size of the earlier run, same patients) and at
+20,000 patients, where the power is high.
 """
 
 from __future__ import annotations
 
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -24,7 +37,8 @@ from sklearn.linear_model import LogisticRegression
 from audits import AuditFrame
 from pipelines.synth import SimulatedCohort, simulate_cohort
 
-__all__ = ["BLACK", "HISPANIC", "audit_cohort", "cohort_scores", "run", "synth_scores"]
+__all__ = ["BLACK", "HISPANIC", "audit_cohort", "audit_table", "cohort_scores", "run",
+           "synth_scores"]
 
 BLACK = "Black or African American"
 HISPANIC = "Hispanic or Latino"
@@ -91,6 +105,13 @@ def synth_scores(n: int, seed: int, bias: bool) -> pd.DataFrame:
     return cohort_scores(simulate_cohort(n, seed=seed, bias=bias))
 
 
+def _first(cohort: SimulatedCohort, n: int) -> SimulatedCohort:
+    """The first ``n`` patients: patient ``i`` is drawn from its own child seed, so this
+    is exactly the cohort ``simulate_cohort(n, seed)`` would draw."""
+    return replace(cohort, patients=cohort.patients[:n],
+                   posterior={k: v[:n] for k, v in cohort.posterior.items()})
+
+
 def recorded_bayes_score(cohort: SimulatedCohort) -> np.ndarray:
     """The Bayes posterior recomputed from the EHR values *as recorded*.
 
@@ -120,10 +141,12 @@ def recorded_bayes_score(cohort: SimulatedCohort) -> np.ndarray:
 ATTRS = ["sex", "race", "ethnicity", "age_band"]
 
 
-def audit_cohort(n: int, seed: int, bias: bool, n_boot: int = 500) -> dict[str, Any]:
-    """Audit one synthetic cohort; what was flagged on race and ethnicity."""
-    table = synth_scores(n, seed, bias)
-    audit = AuditFrame(scores=table, sensitive=ATTRS, threshold=0.2, n_boot=n_boot, seed=seed)
+def audit_table(table: pd.DataFrame, *, seed: int, bias: bool, n_boot: int = 500,
+                sensitive: list[str] | None = None, intersections: int = 2
+                ) -> dict[str, Any]:
+    """Audit one score table; what was flagged on race and ethnicity."""
+    audit = AuditFrame(scores=table, sensitive=sensitive or ATTRS, threshold=0.2,
+                       n_boot=n_boot, seed=seed, intersections=intersections)
     d = audit.disparities
     flags = audit.flags
     # Flags that attribute a disparity to race or ethnicity: single-attribute groups and
@@ -137,46 +160,78 @@ def audit_cohort(n: int, seed: int, bias: bool, n_boot: int = 500) -> dict[str, 
         return bool(len(hit)) and bool(((hit["difference_lower"] > 0)
                                         | (hit["difference_upper"] < 0)).all())
 
-    cal = d[(d["dimension"] == "race") & (d["group"] == BLACK)
-            & (d["metric"] == "calibration_in_the_large")].iloc[0]
+    def row(metric: str) -> pd.Series:
+        return d[(d["dimension"] == "race") & (d["group"] == BLACK)
+                 & (d["metric"] == metric)].iloc[0]
+
+    cal, citl = row("calibration_intercept"), row("calibration_in_the_large")
     return {
-        "seed": seed, "bias": bias, "n": n, "n_tests": audit.n_tests,
+        "seed": seed, "bias": bias, "n": len(table), "n_tests": audit.n_tests,
+        "n_tests_by_tier": audit.n_tests_by_tier,
         "imaging_gap_black": found("race", BLACK, "missing_rate:has_image"),
         "imaging_gap_hispanic": found("ethnicity", HISPANIC, "missing_rate:has_image"),
-        "miscalibration_black": found("race", BLACK, "calibration_in_the_large"),
-        "calibration_gap_black": [float(cal["difference"]), float(cal["difference_lower"]),
-                                  float(cal["difference_upper"])],
+        "miscalibration_black": found("race", BLACK, "calibration_intercept"),
+        # Black minus White calibration intercept (log-odds; < 0: risk overstated) with
+        # its 95 % CI and the raw and adjusted p of the score test.
+        "calibration_intercept_gap_black": [float(cal["difference"]),
+                                            float(cal["difference_lower"]),
+                                            float(cal["difference_upper"])],
+        "calibration_p_black": [float(cal["p_value"]), float(cal["p_adjusted"])],
+        # The same gap in probability points (not tested; for the reader).
+        "calibration_in_the_large_gap_black": [float(citl["difference"]),
+                                               float(citl["difference_lower"]),
+                                               float(citl["difference_upper"])],
         "any_flag_race_or_ethnicity": bool(len(on_attr)),
         "flags_race_or_ethnicity": sorted(f"{r.dimension}={r.group}:{r.comparison}"
                                           for r in on_attr.itertuples()),
     }
 
 
-def _job(args: tuple[int, int, bool]) -> dict[str, Any]:
-    return audit_cohort(*args)
+def audit_cohort(n: int, seed: int, bias: bool, n_boot: int = 500) -> dict[str, Any]:
+    """Audit one synthetic cohort of ``n`` patients (4 attributes and their pairs)."""
+    return audit_table(synth_scores(n, seed, bias), seed=seed, bias=bias, n_boot=n_boot)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    """10 seeds with and without bias; quick: 2000 patients, full: 10000."""
-    n = 2000 if quick else 10_000
-    seeds = list(range(10))
-    jobs = [(n, s, b) for b in (True, False) for s in seeds]
-    started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        results = list(pool.map(_job, jobs))
-    biased = [r for r in results if r["bias"]]
-    fair = [r for r in results if not r["bias"]]
+def _job(args: tuple[tuple[int, ...], int, bool]) -> list[dict[str, Any]]:
+    sizes, seed, bias = args
+    cohort = simulate_cohort(max(sizes), seed=seed, bias=bias)
+    return [audit_table(cohort_scores(_first(cohort, n)), seed=seed, bias=bias)
+            for n in sizes]
+
+
+def _summarise(results: list[dict[str, Any]], n: int, seeds: int) -> dict[str, Any]:
+    biased = [r for r in results if r["bias"] and r["n"] == n]
+    fair = [r for r in results if not r["bias"] and r["n"] == n]
     share = sum(r["any_flag_race_or_ethnicity"] for r in fair) / len(fair)
     found = {k: sum(r[k] for r in biased) for k in
              ("imaging_gap_black", "imaging_gap_hispanic", "miscalibration_black")}
+    return {"patients_per_cohort": n, "seeds": seeds, "bias_found": found,
+            "no_bias_share_seeds_with_flag_on_race_or_ethnicity": share,
+            "no_bias_false_flags": sum(len(r["flags_race_or_ethnicity"]) for r in fair),
+            "text": (f"{n} patients x {seeds} seeds: bias found imaging gap "
+                     f"{found['imaging_gap_black']}/{seeds} (Black), "
+                     f"{found['imaging_gap_hispanic']}/{seeds} (Hispanic), "
+                     f"miscalibration {found['miscalibration_black']}/{seeds}; "
+                     f"no bias: {share:.0%} of seeds with any race/ethnicity flag")}
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    """10 seeds with and without bias; quick: 2000 patients, full: 10,000 and 20,000."""
+    sizes = (2000,) if quick else (10_000, 20_000)
+    seeds = list(range(10))
+    jobs = [(sizes, s, b) for b in (True, False) for s in seeds]
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=2) as pool:
+        results = [r for part in pool.map(_job, jobs) for r in part]
+    by_size = [_summarise(results, n, len(seeds)) for n in sizes]
     return {
-        "patients_per_cohort": n, "seeds": len(seeds), "seconds": round(time.perf_counter()
-                                                                        - started, 1),
-        "bias_found": found, "no_bias_share_seeds_with_flag_on_race_or_ethnicity": share,
-        "no_bias_goal": "<= 0.10", "per_seed": results,
-        "summary": (f"{n} patients x {len(seeds)} seeds: bias found imaging gap "
-                    f"{found['imaging_gap_black']}/{len(seeds)} (Black), "
-                    f"{found['imaging_gap_hispanic']}/{len(seeds)} (Hispanic), "
-                    f"miscalibration {found['miscalibration_black']}/{len(seeds)}; "
-                    f"no bias: {share:.0%} of seeds with any race/ethnicity flag"),
+        "sizes": list(sizes), "seeds": len(seeds),
+        "seconds": round(time.perf_counter() - started, 1),
+        "method": ("flags need |difference| above the rule, a 95% patient-bootstrap CI "
+                   "excluding 0 and a multiplicity-adjusted p < 0.05: Fisher exact tests "
+                   "for rates, Farrington-Manning for the four-fifths rule, a score test "
+                   "of equal calibration intercepts; Holm within single-attribute "
+                   "comparisons (alpha 0.04) and within intersections (alpha 0.01)"),
+        "by_size": by_size, "no_bias_goal": "<= 0.10", "per_seed": results,
+        "summary": "; ".join(s["text"] for s in by_size),
     }

@@ -8,10 +8,12 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from services import model_registry
 from services.access_log import AccessLog
 from services.api.access import AccessLogMiddleware
-from services.api.errors import install_error_handlers
+from services.api.errors import install_error_handlers, install_openapi
 from services.api.routes import access_log as access_log_routes
+from services.api.routes import admin as admin_routes
 from services.api.routes import audits as audit_routes
 from services.api.routes import auth, dicomweb, fhir_ingest, health, hl7
 from services.api.routes import cds_hooks as cds_hooks_routes
@@ -25,7 +27,7 @@ from services.auth.tokens import (
 )
 from services.core.config import Settings, get_settings
 from services.dashboard import routes as dashboard_routes
-from services.db import make_engine, migrate, session_factory
+from services.db import make_engine, migrate, session_factory, session_scope
 from services.dicom_store import DicomStore
 from services.dimse import StoreSCP
 from services.jobs import JobWorker, register_builtin_handlers
@@ -78,7 +80,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             checkpoint_every=settings.access_log_checkpoint_every,
             checkpoint_interval_s=settings.access_log_checkpoint_interval_s)
         # The served model, verified now: a missing or corrupt artifact stops start-up.
-        app.state.predictions = PredictionService.from_settings(settings, app.state.dicom_store)
+        # An admin's switch or rollback (model_activations) outlives a restart.
+        with session_scope(app.state.sessions) as session:
+            served = model_registry.active_model_path(session, settings)
+        app.state.predictions = PredictionService.from_settings(
+            settings.model_copy(update={"model_path": served}), app.state.dicom_store)
         if app.state.predictions is not None:
             app.state.predictions.start_warm_up()
         # Durable background jobs (embeddings, predictions after new data); jobs left
@@ -120,6 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.local_issuer = local
     app.state.token_verifier = verifier
     install_error_handlers(app)
+    install_openapi(app)
     app.add_middleware(AccessLogMiddleware)
     # Added last, so it runs first: every response, errors included, gets an id and a timing.
     app.add_middleware(RequestContextMiddleware)
@@ -134,6 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(cds_hooks_routes.router)
     app.include_router(audit_routes.router)
     app.include_router(access_log_routes.router)
+    app.include_router(admin_routes.router)
     # The dashboard (server-rendered pages under /dashboard, session cookie auth).
     for router in dashboard_routes.routers:
         app.include_router(router)

@@ -405,7 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-by", default=None, help="who ran it (default: the OS user)")
     p.add_argument("--n-boot", type=_positive_int, default=1000)
     p.add_argument("--min-group-size", type=_positive_int, default=30)
-    p.add_argument("--multiplicity", choices=["bh", "holm"], default="bh")
+    p.add_argument("--multiplicity", choices=["bh", "holm"], default="holm",
+                   help="multiple-comparison control: Holm (family-wise, the default) or "
+                        "Benjamini-Hochberg (false discovery rate)")
     p.add_argument("--threshold", default="auto",
                    help="decision threshold: a number, a column, or auto (the score file's "
                         "threshold_high_risk)")

@@ -256,3 +256,19 @@ class ClientRow(Base):
     jwks: Mapped[dict[str, Any]] = mapped_column(JSON)
     scope: Mapped[str] = mapped_column(String(512))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+
+
+class ModelActivationRow(Base):
+    """Which model artifact the service serves, and since when: the switch/rollback history."""
+
+    __tablename__ = "model_activations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    activated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    activated_by: Mapped[str] = mapped_column(String(256))
+    model_path: Mapped[str] = mapped_column(String(1024))
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(64))
+    #: switch | rollback
+    action: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(Text)

@@ -41,7 +41,7 @@ def test_reports_written_and_self_contained(store: AuditStore) -> None:
     assert len(rec["data_fingerprint"]["sha256"]) == 64
     assert rec["threshold"] == {"value": 0.25, "source": "column threshold"}
     assert rec["data_window"]["start"].startswith("2024-01")
-    assert "Benjamini-Hochberg" in rec["multiplicity"]
+    assert "Holm" in rec["multiplicity"] and "intersection tests" in rec["multiplicity"]
 
 
 def test_store_lists_gets_and_compares(store: AuditStore,

@@ -77,6 +77,10 @@ MATRIX: dict[tuple[str, str], str | frozenset[Role]] = {
     ("GET", "/audits/{audit_id}"): frozenset({COMP, ADM}),
     ("GET", "/access-log"): frozenset({COMP, ADM}),
     ("GET", "/access-log/verify"): frozenset({COMP, ADM}),
+    # the served model: admins only
+    ("GET", "/admin/models"): frozenset({ADM}),
+    ("POST", "/admin/models/activate"): frozenset({ADM}),
+    ("POST", "/admin/models/rollback"): frozenset({ADM}),
 }
 
 
