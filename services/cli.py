@@ -78,6 +78,15 @@ def _serve(args: argparse.Namespace) -> int:
         overrides["model_trusted_keys"] = [Path(k) for k in args.trusted_key]
     settings = Settings(**overrides)
     configure_logging(settings.log_level)
+    # Verify the model before the server starts, so a missing or corrupted artifact is
+    # one clear line and exit status 2, not a lifespan traceback.
+    from services.prediction import ModelLoadError, PredictionService
+
+    try:
+        PredictionService.from_settings(settings)
+    except ModelLoadError as exc:
+        sys.stderr.write(f"clinfuse serve: cannot start: {exc}\n")
+        return 2
     tls = settings.http_tls and settings.tls_certfile is not None
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
                 log_config=None, access_log=False,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,12 @@ import pytest
 from tests.shared_data import shared_data_dir
 
 
-def clinfuse(*args: str) -> subprocess.CompletedProcess[str]:
+def clinfuse(*args: str, env: dict[str, str] | None = None
+             ) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", "from services.cli import main; main()", *args],
                           capture_output=True, text=True, timeout=300,
-                          cwd=Path(__file__).parents[2])
+                          cwd=Path(__file__).parents[2],
+                          env={**os.environ, **env} if env else None)
 
 
 def test_records_prints_one_json_line_per_patient() -> None:
@@ -74,3 +77,26 @@ def test_synth_prints_oracle_aurocs(tmp_path: Path) -> None:
 def test_bad_arguments_exit_2(args: list[str]) -> None:
     result = clinfuse(*args)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_missing_or_tampered_model_in_one_line(tmp_path: Path) -> None:
+    from models.artifact import generate_signing_key
+
+    key = tmp_path / "k.pem"
+    generate_signing_key(key)
+    env = {"CLINFUSE_DATA_DIR": str(tmp_path / "data"),
+           "CLINFUSE_DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite'}"}
+    missing = clinfuse("serve", "--port", "1", "--model", str(tmp_path / "nope"),
+                      "--trusted-key", f"{key}.pub", env=env)
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines() == [
+        f"clinfuse serve: cannot start: model artifact {tmp_path / 'nope'} does not exist; fix "
+        "CLINFUSE_MODEL_PATH or unset it to run without predictions"]
+    fake = tmp_path / "fake-model"
+    fake.mkdir()
+    (fake / "MANIFEST.json").write_text("{}")
+    corrupt = clinfuse("serve", "--port", "1", "--model", str(fake), "--trusted-key",
+                      f"{key}.pub", env=env)
+    assert corrupt.returncode == 2
+    assert "cannot start: model artifact" in corrupt.stderr
+    assert "Traceback" not in corrupt.stderr
