@@ -106,7 +106,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # HL7 v2 over MLLP: the same ingest as POST /hl7v2, one transaction per frame.
             mllp = MllpServer(hl7_handler(app.state.sessions, after_commit=app.state.jobs.wake),
                               host=settings.host, port=settings.mllp_port,
-                              max_frame_bytes=settings.max_upload_bytes)
+                              max_frame_bytes=settings.max_upload_bytes,
+                              ssl_context=settings.tls_context() if settings.mllp_tls else None)
             mllp.start()
             app.state.mllp = mllp
             log.info("MLLP listener on %s:%d", settings.host, mllp.port)

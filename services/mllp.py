@@ -23,8 +23,10 @@ import contextlib
 import logging
 import socket
 import socketserver
+import ssl
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -85,6 +87,12 @@ class _Connection(socketserver.BaseRequestHandler):
         listener = self.server.listener
         sock: socket.socket = self.request
         sock.settimeout(listener.idle_timeout_s)
+        if isinstance(sock, ssl.SSLSocket):
+            try:
+                sock.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("MLLP: TLS handshake failed (%s)", type(exc).__name__)
+                return
         listener.track(sock, add=True)
         peer = f"{self.client_address[0]}:{self.client_address[1]}"
         buffer = bytearray()
@@ -165,6 +173,16 @@ class _TcpServer(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     listener: MllpServer
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = self.socket.accept()
+        context = self.listener.ssl_context
+        if context is None:
+            return sock, address
+        # The handshake runs in the connection's own thread (first recv), so a slow or
+        # hostile peer cannot stall the accept loop.
+        return context.wrap_socket(sock, server_side=True,
+                                   do_handshake_on_connect=False), address
+
 
 class MllpServer:
     """The MLLP listener; ``port=0`` picks a free port (see :attr:`port` after start).
@@ -182,8 +200,11 @@ class MllpServer:
     """
 
     def __init__(self, handle: Handler, *, host: str = "127.0.0.1", port: int = 2575,
-                 max_frame_bytes: int = 16 * 1024 * 1024, idle_timeout_s: float = 300.0) -> None:
+                 max_frame_bytes: int = 16 * 1024 * 1024, idle_timeout_s: float = 300.0,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
         self.handle = handle
+        #: MLLP over TLS (and client certificates, if the context requires them).
+        self.ssl_context = ssl_context
         self.host = host
         self.requested_port = port
         self.max_frame_bytes = max_frame_bytes

@@ -106,3 +106,38 @@ def _uid(path: Path) -> str:
     import pydicom
 
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
+
+
+def test_mllp_over_tls(tmp_path: Path, pki: Pki) -> None:
+    import socket
+
+    from services.mllp import MllpServer, frame
+
+    received: list[bytes] = []
+
+    def handle(payload: bytes) -> list[str]:
+        received.append(payload)
+        return ["MSH|^~\\&|CLINFUSE|||||||ACK|1|P|2.5.1\rMSA|AA|1"]
+
+    settings = _settings(tmp_path, pki)
+    server = MllpServer(handle, port=0, ssl_context=settings.tls_context())
+    server.start()
+    try:
+        context = client_context(pki.ca)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw, \
+                context.wrap_socket(raw, server_hostname="localhost") as sock:
+            sock.sendall(frame("MSH|^~\\&|A|B|C|D|20240101||ADT^A01|1|P|2.5.1\rPID|1"))
+            answer = sock.recv(65536)
+        assert answer.startswith(b"\x0b") and b"MSA|AA|1" in answer
+        assert received and received[0].startswith(b"MSH|")
+        # A plain-text MLLP peer gets no answer from a TLS listener.
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as plain:
+            plain.sendall(frame("MSH|^~\\&|A|B|C|D|20240101||ADT^A01|2|P|2.5.1\rPID|1"))
+            plain.settimeout(5)
+            try:
+                data = plain.recv(65536)
+            except OSError:
+                data = b""
+        assert b"MSA" not in data
+    finally:
+        server.stop()
