@@ -21,7 +21,10 @@ MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets foreign keys and WAL for concurrent readers."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False})
+        # One connection per server thread that may hold a session (FastAPI's threadpool
+        # has 40): a small pool would make requests wait for connections, not for work.
+        engine = create_engine(url, connect_args={"check_same_thread": False},
+                               pool_size=20, max_overflow=30, pool_timeout=10)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_connection, _record):  # type: ignore[no-untyped-def]
@@ -34,7 +37,8 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20,
+                         pool_timeout=10)
 
 
 def alembic_config(url: str) -> Config:
