@@ -289,7 +289,7 @@ def _items_from_document(obj: Any, label: str | None = None) -> tuple[list[_Item
     if btype is None or btype == "":
         issues.append(Issue("required", f"{prefix}Bundle.type is required (R4 1..1)",
                             "Bundle.type"))
-    elif btype not in _ALL_BUNDLE_TYPES:
+    elif not isinstance(btype, str) or btype not in _ALL_BUNDLE_TYPES:
         issues.append(Issue("value", f"{prefix}Bundle.type is not a bundle-type code",
                             "Bundle.type"))
     elif btype not in _SUPPORTED_BUNDLE_TYPES:

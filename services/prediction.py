@@ -303,7 +303,11 @@ class PredictionService:
         if missing:
             raise ModelLoadError(f"trusted model key file(s) {missing} do not exist; fix "
                                  "CLINFUSE_MODEL_TRUSTED_KEYS")
-        if not Path(path).exists():
+        try:
+            exists = Path(path).exists()
+        except OSError:  # not a path this filesystem can hold (too long, say)
+            exists = False
+        if not exists:
             raise ModelLoadError(f"model artifact {path} does not exist; fix CLINFUSE_MODEL_PATH "
                                  "or unset it to run without predictions")
         try:

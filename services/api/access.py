@@ -15,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from services.access_log import AccessLog
+from services.api.errors import error_response
 from services.auth.principal import Principal
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,5 @@ class AccessLogMiddleware(BaseHTTPMiddleware):
             # An access that cannot be logged must not be served: fail closed.
             log.error("access log append failed (%s); refusing the response",
                       type(exc).__name__)
-            return Response('{"detail":"the access log is unavailable"}', status_code=503,
-                            media_type="application/json")
+            return error_response(request, 503, "the access log is unavailable")
         return response

@@ -46,6 +46,10 @@ DicomStoreDep = Annotated[DicomStore, Depends(get_dicom_store)]
 # writes after the route) never waits on the route's open transaction.
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
+#: The largest offset a list accepts: beyond any real table, and within the databases'
+#: 64-bit OFFSET (a larger one overflows in the driver).
+MAX_OFFSET = 2**31 - 1
+
 _bearer = HTTPBearer(auto_error=False, description="A JWT from the hospital's identity "
                      "provider or the built-in issuer (POST /auth/token).")
 

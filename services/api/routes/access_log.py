@@ -18,8 +18,9 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
+from fhir_adapters.record import ensure_utc
 from services.access_log import AccessLog, pseudonym, verify_chain
-from services.api.deps import SessionDep, SettingsDep, require
+from services.api.deps import MAX_OFFSET, SessionDep, SettingsDep, require
 from services.auth.principal import Principal, Role
 from services.core.config import Settings
 from services.tables import AccessLogRow
@@ -92,7 +93,7 @@ def list_entries(session: SessionDep, settings: SettingsDep, principal: Reviewer
                  subject: Annotated[str | None, Query(max_length=256)] = None,
                  action: Annotated[str | None, Query(max_length=64)] = None,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-                 offset: Annotated[int, Query(ge=0)] = 0) -> list[AccessLogEntry]:
+                 offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> list[AccessLogEntry]:
     query = select(AccessLogRow)
     if since is not None:
         query = query.where(AccessLogRow.at >= since)
@@ -107,7 +108,8 @@ def list_entries(session: SessionDep, settings: SettingsDep, principal: Reviewer
     # Only admins see which patient; everyone else gets the keyed pseudonym.
     hide = principal.role is not Role.admin
     secret = pseudonym_secret(settings) if hide else b""
-    return [AccessLogEntry(seq=r.seq, at=r.at, subject=r.subject, role=r.role, action=r.action,
+    return [AccessLogEntry(seq=r.seq, at=ensure_utc(r.at), subject=r.subject, role=r.role,
+                           action=r.action,
                            resource=r.resource,
                            patient=pseudonym(r.patient_id, secret) if hide else r.patient_id,
                            purpose=r.purpose, status=r.status, hash=r.hash, pseudonymised=hide)

@@ -15,8 +15,9 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 
+from fhir_adapters.record import ensure_utc
 from services import audit_service
-from services.api.deps import SessionDep, SettingsDep, require
+from services.api.deps import MAX_OFFSET, SessionDep, SettingsDep, require
 from services.audit_service import AuditParams, AuditServiceError
 from services.auth.principal import Principal, Role
 from services.cohort_export import BUILTIN_OUTCOMES, OutcomeDefinition
@@ -88,11 +89,15 @@ class AuditSummary(BaseModel):
     def of(cls, row: AuditRow) -> AuditSummary:
         results = row.report.get("results", {}) if isinstance(row.report, dict) else {}
         flags = [d for d in results.get("disparities", []) if d.get("flagged")]
-        return cls(id=row.id, created_at=row.created_at, run_by=row.run_by,
-                   model_version=row.model_version, window_start=row.window_start,
-                   window_end=row.window_end, data_fingerprint=row.data_fingerprint,
+        return cls(id=row.id, created_at=ensure_utc(row.created_at), run_by=row.run_by,
+                   model_version=row.model_version, window_start=_utc(row.window_start),
+                   window_end=_utc(row.window_end), data_fingerprint=row.data_fingerprint,
                    n_rows=results.get("n_rows"), n_patients=results.get("n_patients"),
                    n_flags=len(flags), summary=list(row.report.get("summary", [])))
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return None if value is None else ensure_utc(value)
 
 
 def _fail(exc: AuditServiceError) -> HTTPException:
@@ -158,7 +163,7 @@ def run_audit(request: Request, body: AuditRunRequest, session: SessionDep,
 @router.get("", summary="List stored audits, newest first", response_model=list[AuditSummary])
 def list_audits(session: SessionDep, _: Auditor,
                 limit: Annotated[int, Query(ge=1, le=500)] = 100,
-                offset: Annotated[int, Query(ge=0)] = 0) -> list[AuditSummary]:
+                offset: Annotated[int, Query(ge=0, le=MAX_OFFSET)] = 0) -> list[AuditSummary]:
     return [AuditSummary.of(r) for r in audit_service.list_audits(session, limit=limit,
                                                                   offset=offset)]
 

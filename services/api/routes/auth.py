@@ -21,10 +21,15 @@ from services.auth.tokens import AuthError
 
 router = APIRouter(tags=["Authorization"])
 
+_OAUTH_ERROR = {"application/json": {"schema": {
+    "type": "object", "required": ["error", "error_description"],
+    "properties": {"error": {"type": "string"}, "error_description": {"type": "string"}}}}}
 _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"description": "invalid_request / unsupported_grant_type / invalid_scope"},
-    401: {"description": "invalid_client or invalid_grant"},
+    400: {"description": "invalid_request / unsupported_grant_type / invalid_scope",
+          "content": _OAUTH_ERROR},
+    401: {"description": "invalid_client or invalid_grant", "content": _OAUTH_ERROR},
 }
+_GRANTS = ["password", "client_credentials", "authorization_code"]
 
 
 def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
@@ -35,7 +40,8 @@ def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
 @router.post("/auth/token", summary="OAuth 2.0 token endpoint of the built-in issuer",
              responses=_TOKEN_ERRORS)
 def token(request: Request, session: SessionDep, settings: SettingsDep,
-          grant_type: Annotated[str, Form(examples=["client_credentials"])],
+          grant_type: Annotated[str, Form(examples=["client_credentials"],
+                                          json_schema_extra={"enum": _GRANTS})],
           username: Annotated[str | None, Form()] = None,
           password: Annotated[str | None, Form()] = None,
           scope: Annotated[str | None, Form(examples=["system/*.read"])] = None,
@@ -84,10 +90,14 @@ def token(request: Request, session: SessionDep, settings: SettingsDep,
     return JSONResponse(access, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
+# The two /auth/authorize routes are the browser's sign-in and consent pages of the OAuth
+# authorization-code flow (HTML forms with a CSRF token, found through
+# /.well-known/smart-configuration), not API operations: like the dashboard's pages they
+# are left out of the OpenAPI document.
 @router.get("/auth/authorize", summary="SMART App Launch authorization (demo login and consent)",
-            response_class=Response, responses={200: {"content": {"text/html": {}}},
-                                                302: {"description": "back to the client "
-                                                                     "with an error"}})
+            response_class=Response, include_in_schema=False,
+            responses={200: {"content": {"text/html": {}}},
+                       302: {"description": "back to the client with an error"}})
 def authorize(request: Request) -> Response:
     from services.dashboard.consent import authorize_get
 
@@ -95,8 +105,8 @@ def authorize(request: Request) -> Response:
 
 
 @router.post("/auth/authorize", summary="Sign in and consent; redirects back with a code",
-             response_class=Response, responses={303: {"description": "back to the client "
-                                                                      "with a code or error"}})
+             response_class=Response, include_in_schema=False,
+             responses={303: {"description": "back to the client with a code or error"}})
 async def authorize_submit(request: Request, session: SessionDep) -> Response:
     from starlette.concurrency import run_in_threadpool
 

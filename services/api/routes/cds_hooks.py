@@ -68,6 +68,7 @@ def discover(request: Request, principal: Ehr) -> dict[str, Any]:
                         404: {"description": "no such service (OperationOutcome)"},
                         412: {"description": "the patient's data cannot be had "
                                              "(OperationOutcome)"},
+                        413: {"description": "the body exceeds the upload limit"},
                         503: {"description": "no model is configured (OperationOutcome)"}},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"type": "object"},
@@ -111,7 +112,8 @@ async def call_service(request: Request, service_id: str, principal: Hooker,
 @router.post("/{service_id}/feedback", summary="Feedback on a card",
              responses={200: {"description": "stored"},
                         400: {"description": "malformed feedback (OperationOutcome)"},
-                        404: {"description": "unknown service or card (OperationOutcome)"}},
+                        404: {"description": "unknown service or card (OperationOutcome)"},
+                        413: {"description": "the body exceeds the upload limit"}},
              openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
                  "schema": {"type": "object"},
                  "example": cds_hooks.FEEDBACK_EXAMPLE}}}})

@@ -25,12 +25,49 @@ router = APIRouter(prefix=PREFIX, tags=["DICOMweb"],
 #: STOW is how integration systems send images; reading is for them and for clinicians.
 WRITE = require(Role.integration)
 READ = require(Role.integration, Role.clinician)
-write = partial(router.post, dependencies=[WRITE])
-read = partial(router.get, dependencies=[READ])
+
+
+class DicomJSONResponse(JSONResponse):
+    media_type = dicomweb.DICOM_JSON
+
+
+_DICOM_JSON = {dicomweb.DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}}
+_STOW_JSON = {dicomweb.DICOM_JSON: {"schema": {"type": "object"}}}
+_MULTIPART = {"multipart/related": {"schema": {"type": "string", "format": "binary"}}}
+#: STOW-RS bodies: multipart/related; type="application/dicom", one DICOM file a part.
+_STOW_BODY = {"requestBody": {"required": True, "content": {
+    "multipart/related": {
+        "schema": {"type": "string", "format": "binary"}}}}}
+_STOW_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "all stored", "content": _STOW_JSON},
+    202: {"description": "some stored; failures or warnings listed", "content": _STOW_JSON},
+    400: {"description": "malformed multipart/related body"},
+    409: {"description": "none stored", "content": _STOW_JSON},
+    413: {"description": "too large"},
+    415: {"description": "not multipart/related application/dicom"}}
+_SEARCH_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the matches, as DICOM JSON", "content": _DICOM_JSON},
+    400: {"description": "an attribute or value the search does not support"}}
+_NOT_FOUND: dict[int | str, dict[str, Any]] = {
+    404: {"description": "no such study, series or instance"}}
+_RETRIEVE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the instances, one DICOM file a part", "content": _MULTIPART},
+    **_NOT_FOUND}
+_METADATA_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "the instances' metadata, as DICOM JSON", "content": _DICOM_JSON},
+    **_NOT_FOUND}
+write = partial(router.post, dependencies=[WRITE], response_class=DicomJSONResponse,
+                openapi_extra=_STOW_BODY, responses=_STOW_RESPONSES)
+search = partial(router.get, dependencies=[READ], response_class=DicomJSONResponse,
+                 responses=_SEARCH_RESPONSES)
+retrieve = partial(router.get, dependencies=[READ], response_class=StreamingResponse,
+                   responses=_RETRIEVE_RESPONSES)
+metadata = partial(router.get, dependencies=[READ], response_class=DicomJSONResponse,
+                   responses=_METADATA_RESPONSES)
 
 
 def _dicom_json(payload: Any, status: int = 200) -> JSONResponse:
-    return JSONResponse(payload, status_code=status, media_type=dicomweb.DICOM_JSON)
+    return DicomJSONResponse(payload, status_code=status)
 
 
 async def _stow(request: Request, store: DicomStoreDep, settings: SettingsDep,
@@ -47,11 +84,7 @@ async def _stow(request: Request, store: DicomStoreDep, settings: SettingsDep,
     return _dicom_json(payload, status)
 
 
-@write("/studies", summary="STOW-RS: store instances",
-             responses={200: {"description": "all stored"},
-                        202: {"description": "some stored; failures or warnings listed"},
-                        409: {"description": "none stored"}, 413: {"description": "too large"},
-                        415: {"description": "not multipart/related application/dicom"}})
+@write("/studies", summary="STOW-RS: store instances")
 async def store_instances(request: Request, store: DicomStoreDep,
                           settings: SettingsDep) -> JSONResponse:
     return await _stow(request, store, settings, None)
@@ -71,27 +104,27 @@ def _search(store: DicomStoreDep, level: dicomweb.Level, request: Request,
         raise HTTPException(400, str(exc)) from None
 
 
-@read("/studies", summary="QIDO-RS: search studies")
+@search("/studies", summary="QIDO-RS: search studies")
 def search_studies(request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "study", request, {})
 
 
-@read("/series", summary="QIDO-RS: search series")
+@search("/series", summary="QIDO-RS: search series")
 def search_series(request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "series", request, {})
 
 
-@read("/instances", summary="QIDO-RS: search instances")
+@search("/instances", summary="QIDO-RS: search instances")
 def search_instances(request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "instance", request, {})
 
 
-@read("/studies/{study}/series", summary="QIDO-RS: search a study's series")
+@search("/studies/{study}/series", summary="QIDO-RS: search a study's series")
 def search_study_series(study: str, request: Request, store: DicomStoreDep) -> JSONResponse:
     return _search(store, "series", request, {"StudyInstanceUID": study})
 
 
-@read("/studies/{study}/series/{series}/instances",
+@search("/studies/{study}/series/{series}/instances",
             summary="QIDO-RS: search a series' instances")
 def search_series_instances(study: str, series: str, request: Request,
                             store: DicomStoreDep) -> JSONResponse:
@@ -112,17 +145,17 @@ def _retrieve(store: DicomStoreDep, rows: list[Any]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type=content_type)
 
 
-@read("/studies/{study}", summary="WADO-RS: retrieve a study")
+@retrieve("/studies/{study}", summary="WADO-RS: retrieve a study")
 def retrieve_study(study: str, store: DicomStoreDep) -> StreamingResponse:
     return _retrieve(store, _rows(store, study))
 
 
-@read("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
+@retrieve("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
 def retrieve_series(study: str, series: str, store: DicomStoreDep) -> StreamingResponse:
     return _retrieve(store, _rows(store, study, series))
 
 
-@read("/studies/{study}/series/{series}/instances/{instance}",
+@retrieve("/studies/{study}/series/{series}/instances/{instance}",
             summary="WADO-RS: retrieve an instance")
 def retrieve_instance(study: str, series: str, instance: str,
                       store: DicomStoreDep) -> StreamingResponse:
@@ -135,19 +168,19 @@ def _metadata(request: Request, settings: SettingsDep, store: DicomStoreDep,
     return _dicom_json([dicomweb.instance_metadata(store.read_bytes(r), root, r) for r in rows])
 
 
-@read("/studies/{study}/metadata", summary="WADO-RS: a study's metadata")
+@metadata("/studies/{study}/metadata", summary="WADO-RS: a study's metadata")
 def study_metadata(study: str, request: Request, settings: SettingsDep,
                    store: DicomStoreDep) -> JSONResponse:
     return _metadata(request, settings, store, _rows(store, study))
 
 
-@read("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata")
+@metadata("/studies/{study}/series/{series}/metadata", summary="WADO-RS: a series' metadata")
 def series_metadata(study: str, series: str, request: Request, settings: SettingsDep,
                     store: DicomStoreDep) -> JSONResponse:
     return _metadata(request, settings, store, _rows(store, study, series))
 
 
-@read("/studies/{study}/series/{series}/instances/{instance}/metadata",
+@metadata("/studies/{study}/series/{series}/instances/{instance}/metadata",
             summary="WADO-RS: an instance's metadata")
 def instance_metadata(study: str, series: str, instance: str, request: Request,
                       settings: SettingsDep, store: DicomStoreDep) -> JSONResponse:

@@ -209,7 +209,12 @@ def _ingest_bundle(session: Session, bundle: Any, body: bytes
                 "same content twice changes nothing.",
     dependencies=[WRITE],
     openapi_extra={"requestBody": {"required": True, "content": {FHIR_JSON: {
-        "schema": {"type": "object"}, "example": _BUNDLE_EXAMPLE}}}},
+        "schema": {"type": "object", "required": ["resourceType"], "properties": {
+            "resourceType": {"const": "Bundle"},
+            "type": {"enum": ["transaction", "batch", "collection", "searchset", "document",
+                              "message"]},
+            "entry": {"type": "array", "items": {"type": "object"}}}},
+        "example": _BUNDLE_EXAMPLE}}}},
     responses={200: {"description": "stored: a transaction-response or batch-response Bundle",
                      "content": {FHIR_JSON: {"example": _RESPONSE_EXAMPLE}}},
                400: _OUTCOME, 413: {"description": "the body exceeds the upload limit"},

@@ -37,7 +37,14 @@ from fhir_adapters.errors import IngestError
 from fhir_adapters.fhir_json import parse_fhir_datetime
 from fhir_adapters.record import ensure_utc
 from services import record_store
-from services.api.deps import SessionDep, SettingsDep, base_url, read_limited_body, require
+from services.api.deps import (
+    MAX_OFFSET,
+    SessionDep,
+    SettingsDep,
+    base_url,
+    read_limited_body,
+    require,
+)
 from services.api.errors import FHIR_JSON, error_response
 from services.auth.principal import Principal, Role
 from services.prediction import (
@@ -91,6 +98,9 @@ _PREDICT_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "a Parameters resource (see the module docs)",
           "content": {FHIR_JSON: {"example": _PARAMETERS_EXAMPLE}}},
     404: {"description": "no such patient (OperationOutcome)"},
+    400: {"description": "the body is not a FHIR resource of the expected type "
+                         "(OperationOutcome)"},
+    413: {"description": "the body exceeds the upload limit"},
     422: {"description": "the record cannot become model input (OperationOutcome)"},
 }
 
@@ -119,7 +129,10 @@ def _index_time(body: dict[str, Any] | None) -> datetime | None:
     """``indexTime`` (valueDateTime or valueInstant) from a Parameters body, if given."""
     if not body:
         return None
-    for i, p in enumerate(body.get("parameter") or []):
+    parameters = body.get("parameter") or []
+    if not isinstance(parameters, list):
+        raise HTTPException(400, "Parameters.parameter must be an array")
+    for i, p in enumerate(parameters):
         if isinstance(p, dict) and p.get("name") == "indexTime":
             value = p.get("valueDateTime") or p.get("valueInstant")
             try:
@@ -165,6 +178,9 @@ def _predict(service: PredictionService, session: Session, patient_id: str, *, s
 @router.post("/Patient/{patient_id}/$predict", summary="Predict for a stored patient",
              responses=_PREDICT_RESPONSES,
              openapi_extra={"requestBody": {"required": False, "content": {FHIR_JSON: {
+                 "schema": {"type": "object", "required": ["resourceType"], "properties": {
+                     "resourceType": {"const": "Parameters"},
+                     "parameter": {"type": "array", "items": {"type": "object"}}}},
                  "example": {"resourceType": "Parameters", "parameter": [
                      {"name": "indexTime", "valueDateTime": "2026-11-26T09:00:00Z"}]}}}}})
 async def predict_patient(request: Request, patient_id: OpaqueId, principal: Predictor,
@@ -189,6 +205,8 @@ async def predict_patient(request: Request, patient_id: OpaqueId, principal: Pre
              responses={**_PREDICT_RESPONSES, 400: {"description": "not one patient's Bundle, "
                                                     "or it does not ingest (OperationOutcome)"}},
              openapi_extra={"requestBody": {"required": True, "content": {FHIR_JSON: {
+                 "schema": {"type": "object", "required": ["resourceType"], "properties": {
+                     "resourceType": {"enum": ["Bundle", "Parameters"]}}},
                  "example": {"resourceType": "Bundle", "type": "transaction", "entry": [
                      {"fullUrl": "urn:uuid:5bd5a1a4-05b2-4f0c-a7a6-8f1d7f0d2b11",
                       "resource": {"resourceType": "Patient", "identifier": [
@@ -267,7 +285,7 @@ def search_risk_assessments(
         patient: Annotated[str | None, Query(description="the same, as a bare id",
                                              max_length=128)] = None,
         count: Annotated[int, Query(alias="_count", ge=1, le=1000)] = 100,
-        offset: Annotated[int, Query(alias="_offset", ge=0)] = 0) -> JSONResponse:
+        offset: Annotated[int, Query(alias="_offset", ge=0, le=MAX_OFFSET)] = 0) -> JSONResponse:
     """The scored predictions of one patient as RiskAssessments (refusals have none)."""
     ref = subject or patient
     if not ref:
