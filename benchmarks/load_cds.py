@@ -181,7 +181,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 "rss_end_mb": round(rss_end / 1024, 1)}
         sweep = []
         best = None
-        for rate in (20.0, 30.0, 40.0, 60.0, 80.0, 120.0):
+        for rate in (5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 60.0):
             lat, err = asyncio.run(_open_loop(url, headers, payloads, rate,
                                               5.0 if quick else 15.0))
             point = {"rate_per_s": rate, "errors": err, **_summary(lat)}
