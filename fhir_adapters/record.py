@@ -7,6 +7,7 @@ is the leakage guard: models and features only ever see the view it returns.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
@@ -138,6 +139,16 @@ class Demographics:
             return None
         days = (when.date() - self.birth_date).days
         return days / 365.25
+
+
+def age_band(age: float | None) -> str | None:
+    """The audit age band: 0-17, 18-44, 45-64, 65-79 or 80+; None when the age is unknown."""
+    if age is None or math.isnan(age):
+        return None
+    for upper, band in ((18, "0-17"), (45, "18-44"), (65, "45-64"), (80, "65-79")):
+        if age < upper:
+            return band
+    return "80+"
 
 
 @dataclass(frozen=True)

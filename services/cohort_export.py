@@ -40,7 +40,6 @@ leave the hospital.
 from __future__ import annotations
 
 import logging
-import math
 import re
 import shutil
 from collections import Counter
@@ -56,7 +55,7 @@ from sqlalchemy import select, tuple_
 from sqlalchemy.orm import Session
 
 from fhir_adapters.errors import IngestError
-from fhir_adapters.record import PatientRecord, ensure_utc, record_from_json
+from fhir_adapters.record import PatientRecord, age_band, ensure_utc, record_from_json
 from pipelines.ehr_features import record_features
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 from pipelines.synth.codes import OUTCOME_DEFINITION
@@ -215,19 +214,6 @@ def index_time_for(record: PatientRecord, hours: float = DEFAULT_INDEX_HOURS
     return index, None
 
 
-def age_band(age: float | None) -> str:
-    """The synthetic cohort's bands (18-44, 45-64, 65-79, 80+); '' when unknown."""
-    if age is None or math.isnan(age):
-        return ""
-    if age < 45:
-        return "18-44"
-    if age < 65:
-        return "45-64"
-    if age < 80:
-        return "65-79"
-    return "80+"
-
-
 def audit_attributes(record: PatientRecord, at: datetime) -> dict[str, str]:
     """Sex, race, ethnicity and age band at ``at``: the audit's sensitive attributes."""
     demo = record.demographics
@@ -235,7 +221,7 @@ def audit_attributes(record: PatientRecord, at: datetime) -> dict[str, str]:
     ethnicity = demo.ethnicity_text or next((c.display for c in demo.ethnicity if c.display),
                                             None)
     return {"sex": demo.sex or "", "race": race or "", "ethnicity": ethnicity or "",
-            "age_band": age_band(demo.age_at(at))}
+            "age_band": age_band(demo.age_at(at)) or ""}
 
 
 @dataclass

@@ -54,6 +54,7 @@ from fhir_adapters.record import (
     Demographics,
     PatientIdentifier,
     PatientRecord,
+    age_band,
     ensure_utc,
     record_from_json,
 )
@@ -77,7 +78,7 @@ from services.dicom_store import DicomStore
 from services.tables import DicomInstanceRow, PatientRow, PredictionRow
 
 __all__ = ["AUDIT_ATTRIBUTES", "ImagingSeries", "ModelLoadError", "PatientNotFound",
-           "Prediction", "PredictionError", "PredictionService", "age_band",
+           "Prediction", "PredictionError", "PredictionService",
            "audit_attributes", "indicator_for"]
 
 log = logging.getLogger(__name__)
@@ -133,21 +134,6 @@ class Prediction:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def age_band(age: float | None) -> str | None:
-    """The audit age band (the synth cohort's bands; under 18 is outside the population)."""
-    if age is None or math.isnan(age):
-        return None
-    if age < 18:
-        return "0-17"
-    if age < 45:
-        return "18-44"
-    if age < 65:
-        return "45-64"
-    if age < 80:
-        return "65-79"
-    return "80+"
 
 
 def _category(text: str | None, codings: Iterable[Any]) -> str | None:

@@ -16,6 +16,7 @@ from typing import Literal
 import numpy as np
 from pydicom.uid import generate_uid
 
+from fhir_adapters.record import age_band as record_age_band
 from pipelines.synth import codes
 from pipelines.synth.codes import ObservationCode, observation_codes
 from pipelines.synth.model import SynthModel, sigmoid
@@ -113,13 +114,8 @@ class PatientSim:
 
 
 def age_band(age: float) -> str:
-    if age < 45:
-        return "18-44"
-    if age < 65:
-        return "45-64"
-    if age < 80:
-        return "65-79"
-    return "80+"
+    """The cohort's age band (its patients are adults, so never 0-17)."""
+    return record_age_band(age) or ""
 
 
 def _pick(rng: np.random.Generator, table: tuple[tuple[str, str, float], ...]) -> tuple[str, str]:

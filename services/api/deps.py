@@ -13,6 +13,7 @@ from services.access_log import AccessLog
 from services.auth.principal import Principal, Role
 from services.auth.tokens import AuthError, TokenVerifier
 from services.core.config import Settings
+from services.db import session_scope
 from services.dicom_store import DicomStore
 
 
@@ -28,15 +29,8 @@ def get_dicom_store(request: Request) -> DicomStore:
 
 def get_session(request: Request) -> Iterator[Session]:
     """One transaction per request: committed when the route returns, else rolled back."""
-    session: Session = request.app.state.sessions()
-    try:
+    with session_scope(request.app.state.sessions) as session:
         yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
-    finally:
-        session.close()
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings_dep)]

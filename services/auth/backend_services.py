@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
@@ -11,7 +10,7 @@ from sqlalchemy.orm import Session
 
 from services.auth.passwords import hash_password, verify_password
 from services.auth.principal import Role
-from services.auth.tokens import AuthError, LocalIssuer
+from services.auth.tokens import AuthError, LocalIssuer, OneTimeIds
 from services.tables import ClientRow, UserRow
 
 __all__ = ["JWT_BEARER", "add_user", "client_credentials_grant", "password_grant",
@@ -23,25 +22,7 @@ ASSERTION_ALGORITHMS = ("RS384", "ES384")
 MAX_ASSERTION_LIFETIME_S = 300
 
 
-class _SeenJti:
-    """Assertion ids seen until they expire: a replayed assertion is refused."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def add(self, jti: str, exp: float) -> bool:
-        now = time.time()
-        with self._lock:
-            for k in [k for k, e in self._seen.items() if e < now]:
-                del self._seen[k]
-            if jti in self._seen:
-                return False
-            self._seen[jti] = exp
-            return True
-
-
-_seen_jti = _SeenJti()
+_seen_jti = OneTimeIds()
 
 
 def add_user(session: Session, username: str, password: str, role: Role,
@@ -138,7 +119,7 @@ def client_credentials_grant(session: Session, issuer: LocalIssuer, assertion: s
     if float(claims["exp"]) - time.time() > MAX_ASSERTION_LIFETIME_S:
         raise AuthError(401, "client_assertion exp is more than five minutes ahead",
                         error="invalid_client")
-    if not _seen_jti.add(f"{client.client_id}:{claims['jti']}", float(claims["exp"])):
+    if not _seen_jti.claim(f"{client.client_id}:{claims['jti']}", float(claims["exp"])):
         raise AuthError(401, "client_assertion jti was already used", error="invalid_client")
     allowed = set(client.scope.split())
     requested = set(scope.split()) if scope else allowed

@@ -27,7 +27,6 @@ import base64
 import hashlib
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,7 +37,7 @@ from sqlalchemy.orm import Session
 
 from services.auth.passwords import verify_password
 from services.auth.principal import Role
-from services.auth.tokens import AuthError, LocalIssuer
+from services.auth.tokens import AuthError, LocalIssuer, OneTimeIds
 from services.tables import PatientRow, UserRow
 
 __all__ = ["CODE_TTL_S", "DASHBOARD_CLIENT_ID", "LAUNCH_TTL_S", "AuthorizationRequest",
@@ -60,25 +59,7 @@ _SCOPES = {"launch", "launch/patient", "openid", "fhirUser", "patient/*.read",
            "patient/*.rs", "user/*.read", "user/*.rs", "offline_access", "online_access"}
 
 
-class _Redeemed:
-    """Code ids already exchanged, kept until the code would have expired anyway."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, jti: str, exp: float) -> bool:
-        now = time.time()
-        with self._lock:
-            for k in [k for k, e in self._seen.items() if e < now]:
-                del self._seen[k]
-            if jti in self._seen:
-                return False
-            self._seen[jti] = exp
-            return True
-
-
-_redeemed = _Redeemed()
+_redeemed = OneTimeIds()
 
 
 def _b64url(data: bytes) -> str:

@@ -25,7 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.auth.principal import Principal, Role
 
-__all__ = ["ACCEPTED_ALGORITHMS", "AuthError", "LocalIssuer", "TokenVerifier", "TrustedIssuer"]
+__all__ = ["ACCEPTED_ALGORITHMS", "AuthError", "LocalIssuer", "OneTimeIds", "TokenVerifier",
+           "TrustedIssuer"]
 
 #: The algorithms a hospital IdP may sign with (the issue's RS256/ES384); nothing weaker.
 ACCEPTED_ALGORITHMS = ("RS256", "ES384")
@@ -136,6 +137,25 @@ def _key_for(jwks: dict[str, Any], kid: str | None, alg: str) -> Any:
         return jwt.PyJWK.from_dict(keys[0], algorithm=alg).key
     except jwt.PyJWTError:
         raise AuthError(401, "the issuer's JWKS key cannot be used") from None
+
+
+class OneTimeIds:
+    """Ids (assertion jti, authorization codes) seen until they expire: a replay is refused."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def claim(self, key: str, expires_at: float) -> bool:
+        """True the first time ``key`` is seen before it expires; False on a replay."""
+        now = time.time()
+        with self._lock:
+            for k in [k for k, e in self._seen.items() if e < now]:
+                del self._seen[k]
+            if key in self._seen:
+                return False
+            self._seen[key] = expires_at
+            return True
 
 
 class LocalIssuer:
