@@ -31,8 +31,12 @@ BENCHMARKS = {
     "audit_planted": ("benchmarks.audit_planted_bias",
                       "Fairness audit finds planted disparities (and only those)"),
     "imaging": ("benchmarks.imaging_bench", "DICOM series -> model-ready tensor vs MONAI"),
+    "load": ("benchmarks.load_cds",
+             "CDS Hooks patient-view under open-loop load (separate server process)"),
     "explain": ("benchmarks.explain_bench",
                 "Explanation for one patient (p50) and EHR SHAP vs KernelExplainer"),
+    "inference": ("benchmarks.inference_bench",
+                  "Per-patient inference latency on the CPU, image and note embeddings cached"),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

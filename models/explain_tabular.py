@@ -4,7 +4,7 @@ Explainer choice
 ----------------
 The fused logit is ``b + sum_m mask_m f_m(x_m)``: with the other modalities held
 at the patient's values, the EHR features' SHAP values on the fused calibrated
-logit are those of the EHR branch ``f_ehr`` (divided by the temperature).
+logit are those of the EHR branch ``f_ehr`` (times the calibration slope).
 
 - ``d <= max_exact`` input columns: :class:`shap.ExactExplainer` -- every
   coalition, exact Shapley values with respect to the background.
@@ -12,7 +12,7 @@ logit are those of the EHR branch ``f_ehr`` (divided by the temperature).
   reverse) permutations. Its values add up exactly (each permutation telescopes
   from the background to the patient) and are exact for every feature that
   interacts with no other. The fusion model's default branch is linear
-  (``hidden=0``) and temperature scaling is affine, so there one permutation
+  (``hidden=0``) and Platt/temperature calibration is affine, so there one permutation
   gives the exact Shapley values; only interactions inside an MLP branch
   (``hidden > 0``) or through isotonic calibration are sampled. One antithetic
   permutation costs ``2 d + 1`` batched evaluations, against KernelExplainer's
@@ -75,7 +75,11 @@ class EhrShap:
 
 
 def calibration_is_affine(model: Any) -> bool:
-    """Whether the calibrated logit is an affine map of the raw one (temperature, none)."""
+    """Whether the calibrated logit is an affine map of the raw one (Platt, temperature, none).
+
+    A per-pattern Platt map is affine within each missingness pattern, with one slope
+    shared by all of them, which is what the EHR-branch shortcut needs.
+    """
     cal = getattr(model, "calibrator_", None)
     if cal is None:
         return True
@@ -108,7 +112,12 @@ def _ehr_branch(model: Any, row_mask: np.ndarray) -> Callable[[np.ndarray], np.n
         with torch.inference_mode():
             raw = branch(torch.as_tensor(np.asarray(z, dtype=np.float64)))
         logit = bias + raw.numpy()
-        return np.asarray(cal.transform(logit) if cal is not None else logit)
+        if cal is None:
+            return np.asarray(logit)
+        if hasattr(model, "calibrate_logit"):  # per-pattern calibrators need the row's mask
+            return np.asarray(model.calibrate_logit(
+                logit, np.repeat(np.asarray(row_mask, bool).reshape(1, -1), len(logit), 0)))
+        return np.asarray(cal.transform(logit))
 
     probe = np.zeros((1, int(model.dims_["ehr"])), dtype=np.float32)
     expected = model.predict_logit({"ehr": probe}, row_mask, calibrated=True)

@@ -35,7 +35,7 @@ import copy
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import numpy as np
 import torch
@@ -43,7 +43,14 @@ from sklearn.base import BaseEstimator
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from models.calibration import Calibrator, calibrator_from_dict, make_calibrator
+from models.calibration import (
+    METHODS,
+    Calibrator,
+    IsotonicCalibration,
+    PlattScaling,
+    calibrator_from_dict,
+    make_calibrator,
+)
 from models.device import exact_math, resolve_device
 
 __all__ = ["MODALITIES", "FusionNet", "FusionRiskModel"]
@@ -145,8 +152,19 @@ class FusionRiskModel(BaseEstimator):
     batch_size : int, default=256
     seed : int, default=0
     device : str, default="auto"
-    calibration : {"temperature", "isotonic"}, default="temperature"
-        Method :meth:`calibrate` fits.
+    calibration : {"platt-pattern", "platt", "temperature", "isotonic"}, \
+default="platt-pattern"
+        Method :meth:`calibrate` fits (see :mod:`models.calibration`); with
+        "platt-pattern" each missingness pattern of the mask gets its own shrunk
+        intercept offset.
+    solver : {"auto", "lbfgs", "adam"}, default="auto"
+        "lbfgs" (linear branches only) minimises the penalised log-loss exactly,
+        full batch, with modality dropout as its expectation over every subset of
+        each row's modalities, and picks the L2 strength per branch on the
+        validation log-loss (coordinate search over the ``l2`` grid); the problem
+        is convex, so there is no epoch noise and no early stopping. "adam" is
+        minibatch AdamW with sampled modality dropout and early stopping (needed
+        when ``hidden > 0``). "auto": "lbfgs" when ``hidden == 0``, else "adam".
 
     Attributes
     ----------
@@ -156,12 +174,16 @@ class FusionRiskModel(BaseEstimator):
     history_ : list of dict
     best_epoch_ : int
     l2_ : float
-        The L2 strength used (the grid's winner).
-    calibrator_ : TemperatureScaling or IsotonicCalibration or None
+        The L2 strength used (the grid's winner; with "lbfgs" the shared one the
+        per-branch search started from).
+    l2_by_modality_ : dict of str -> float
+        The L2 strength of each branch.
+    calibrator_ : PlattScaling or TemperatureScaling or IsotonicCalibration or None
         Set by :meth:`calibrate`; None until then (raw probabilities).
     """
 
-    _parameter_constraints: ClassVar[dict[str, Any]] = {"calibration": ("temperature", "isotonic")}
+    _parameter_constraints: ClassVar[dict[str, Any]] = {"calibration": METHODS,
+                                                        "solver": ("auto", "lbfgs", "adam")}
 
     def __init__(self, *, modalities: Sequence[str] = MODALITIES, hidden: int = 0,
                  dropout: float = 0.2, modality_dropout: float = 0.25, lr: float = 3e-3,
@@ -169,8 +191,8 @@ class FusionRiskModel(BaseEstimator):
                  l2: float | Sequence[float] = (0.003, 0.01, 0.03, 0.1),
                  l2_dim_power: float = 0.5, max_epochs: int = 300,
                  min_epochs: int = 20, patience: int = 25, batch_size: int = 256,
-                 seed: int = 0, device: str = "auto", calibration: str = "temperature"
-                 ) -> None:
+                 seed: int = 0, device: str = "auto", calibration: str = "platt-pattern",
+                 solver: str = "auto") -> None:
         self.modalities = modalities
         self.hidden = hidden
         self.dropout = dropout
@@ -186,6 +208,7 @@ class FusionRiskModel(BaseEstimator):
         self.seed = seed
         self.device = device
         self.calibration = calibration
+        self.solver = solver
 
 
     # -- fitting -----------------------------------------------------------------------
@@ -193,9 +216,12 @@ class FusionRiskModel(BaseEstimator):
     def fit(self, X: Mapping[str, np.ndarray], y: np.ndarray, mask: np.ndarray | None = None,
             *, X_val: Mapping[str, np.ndarray], y_val: np.ndarray,
             mask_val: np.ndarray | None = None) -> FusionRiskModel:
-        """Train with early stopping on the validation split; returns self."""
+        """Fit the head; the validation split picks the L2 strengths (and, with AdamW, the
+        epoch). Returns self. The "lbfgs" fit runs on the CPU in float64 whatever
+        ``device`` says: it is a small convex problem, and float64 keeps it exact.
+        """
         if self.calibration not in self._parameter_constraints["calibration"]:
-            raise ValueError(f"calibration must be 'temperature' or 'isotonic', got "
+            raise ValueError(f"calibration must be one of {list(METHODS)}, got "
                              f"{self.calibration!r}")
         if not 0.0 <= self.modality_dropout < 1.0:
             raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
@@ -216,20 +242,144 @@ class FusionRiskModel(BaseEstimator):
         l2_grid = [float(v) for v in (self.l2 if isinstance(self.l2, Sequence) else [self.l2])]
         if not l2_grid or min(l2_grid) < 0:
             raise ValueError(f"l2 must be a non-negative float or a list of them, got {self.l2!r}")
-        fits = [self._fit_one(l2, xs, ms, xv, mv, y_arr, np.asarray(y_val, np.float32), device)
-                for l2 in l2_grid]
-        k = int(np.argmin([f[3] for f in fits]))
-        net, history, best_epoch, best = fits[k]
-        if len(l2_grid) > 1:
-            log.info("fusion: l2 %s chosen on validation log-loss (%s)", l2_grid[k],
-                     ", ".join(f"{v:g}: {f[3]:.4f}" for v, f in zip(l2_grid, fits, strict=True)))
+        if self.solver not in self._parameter_constraints["solver"]:
+            raise ValueError(f"solver must be 'auto', 'lbfgs' or 'adam', got {self.solver!r}")
+        if self.solver == "lbfgs" and self.hidden > 0:
+            raise ValueError("solver='lbfgs' fits linear branches only; use hidden=0 or "
+                             "solver='adam'")
+        if self.solver == "lbfgs" or (self.solver == "auto" and self.hidden == 0):
+            net, history, best, l2_shared, by_mod = self._fit_lbfgs(
+                l2_grid, xs, ms, xv, mv, y_arr, np.asarray(y_val, np.float32))
+            best_epoch = 0
+        else:
+            fits = [self._fit_one(l2, xs, ms, xv, mv, y_arr, np.asarray(y_val, np.float32),
+                                  device) for l2 in l2_grid]
+            k = int(np.argmin([f[3] for f in fits]))
+            net, history, best_epoch, best = fits[k]
+            l2_shared = l2_grid[k]
+            by_mod = dict.fromkeys(modalities, l2_shared)
+            if len(l2_grid) > 1:
+                log.info("fusion: l2 %s chosen on validation log-loss (%s)", l2_grid[k],
+                         ", ".join(f"{v:g}: {f[3]:.4f}"
+                                   for v, f in zip(l2_grid, fits, strict=True)))
         self.net_ = net.to("cpu").eval()
         self.history_ = history
         self.best_epoch_ = best_epoch
-        self.l2_ = l2_grid[k]
+        self.l2_ = l2_shared
+        self.l2_by_modality_ = by_mod
         self.calibrator_: Calibrator | None = None
-        log.info("fusion: best epoch %d, val loss %.4f", best_epoch, best)
+        if best_epoch:
+            log.info("fusion: best epoch %d, val loss %.4f", best_epoch, best)
         return self
+
+    def _init_net(self, xs: dict[str, torch.Tensor], ms: torch.Tensor, y_arr: np.ndarray
+                  ) -> FusionNet:
+        """A fresh net at the base rate, each branch standardised on the rows that have it."""
+        net = FusionNet(self.dims_, self.hidden, self.dropout)
+        with torch.no_grad():
+            rate = float(y_arr.mean())
+            net.bias.fill_(math.log(rate / (1 - rate)))
+            for j, m in enumerate(self.modalities_):
+                present = ms[:, j] > 0
+                if present.any():
+                    rows = xs[m][present].double()
+                    std = rows.std(dim=0, unbiased=False) if len(rows) > 1 else \
+                        torch.ones(rows.shape[1], dtype=torch.float64)
+                    branch = net.branches[m]
+                    assert isinstance(branch, Branch)
+                    branch.shift.copy_(rows.mean(dim=0).float())
+                    branch.scale.copy_(torch.where(std > 1e-6, std, 1.0).float())
+        return net
+
+    def _dropout_expansion(self, ms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
+                                                            torch.Tensor]:
+        """Every subset of each row's modalities, weighted by its modality-dropout probability.
+
+        Returns (row index, subset mask, weight): training on these weighted rows is
+        training on the expectation of the sampled dropout, without its noise.
+        """
+        p = float(self.modality_dropout)
+        n_mod = ms.shape[1]
+        subsets = torch.tensor([[(k >> j) & 1 for j in range(n_mod)]
+                                for k in range(2**n_mod)], dtype=torch.float64)
+        present = ms.double()
+        rows, masks, weights = [], [], []
+        for sub in subsets:
+            kept = present * sub  # modalities kept from those present
+            dropped = present * (1 - sub)
+            ok = (sub <= present + 1e-9).all(dim=1)  # a subset of what the row has
+            w = (1 - p) ** kept.sum(dim=1) * p ** dropped.sum(dim=1)
+            idx = torch.nonzero(ok & (w > 1e-12)).flatten()
+            rows.append(idx)
+            masks.append(sub.expand(len(idx), n_mod))
+            weights.append(w[idx])
+        return torch.cat(rows), torch.cat(masks), torch.cat(weights)
+
+    def _fit_lbfgs(self, l2_grid: list[float], xs: dict[str, torch.Tensor], ms: torch.Tensor,
+                   xv: dict[str, torch.Tensor], mv: torch.Tensor, y_arr: np.ndarray,
+                   y_val: np.ndarray
+                   ) -> tuple[FusionNet, list[dict[str, float]], float, float, dict[str, float]]:
+        """Exact penalised fits; L2 shared first, then per branch by coordinate search."""
+        mods = self.modalities_
+        base = self._init_net(xs, ms, y_arr).double()
+        xs64 = {m: v.double() for m, v in xs.items()}
+        xv64 = {m: v.double() for m, v in xv.items()}
+        rows, sub_mask, weight = self._dropout_expansion(ms)
+        yt = torch.as_tensor(y_arr, dtype=torch.float64)[rows]
+        yv = torch.as_tensor(y_val, dtype=torch.float64)
+        mv64 = mv.double()
+        n = float(len(y_arr))
+        history: list[dict[str, float]] = []
+        cache: dict[tuple[float, ...], tuple[float, dict[str, torch.Tensor]]] = {}
+
+        def fit(l2s: tuple[float, ...]) -> tuple[float, dict[str, torch.Tensor]]:
+            if l2s in cache:
+                return cache[l2s]
+            net = copy.deepcopy(base)
+            branch = {m: cast(Branch, net.branches[m]) for m in mods}
+            params = [net.bias, *(branch[m].linear.weight for m in mods),
+                      *(branch[m].linear.bias for m in mods)]
+            penalty = [lam * float(self.dims_[m]) ** self.l2_dim_power
+                       for lam, m in zip(l2s, mods, strict=True)]
+            opt = torch.optim.LBFGS(params, lr=1.0, max_iter=300, tolerance_grad=1e-7,
+                                    tolerance_change=1e-10, history_size=20,
+                                    line_search_fn="strong_wolfe")
+
+            def closure() -> torch.Tensor:
+                opt.zero_grad()
+                contrib = torch.stack([net.branches[m](xs64[m]) for m in mods], dim=1)
+                logit = net.bias + (contrib[rows] * sub_mask).sum(dim=1)
+                nll = nn.functional.binary_cross_entropy_with_logits(
+                    logit, yt, weight=weight, reduction="sum") / n
+                reg = sum(c * (branch[m].linear.weight ** 2).sum()
+                          for c, m in zip(penalty, mods, strict=True))
+                loss = nll + reg
+                loss.backward()  # type: ignore[no-untyped-call]
+                return loss
+
+            opt.step(closure)  # type: ignore[no-untyped-call]
+            with torch.no_grad():
+                val_logit, _ = net(xv64, mv64)
+                val = float(nn.functional.binary_cross_entropy_with_logits(val_logit, yv))
+            history.append({"val_loss": val,
+                            **{f"l2_{m}": lam for m, lam in zip(mods, l2s, strict=True)}})
+            cache[l2s] = (val, copy.deepcopy(net.state_dict()))
+            return cache[l2s]
+
+        shared = min(l2_grid, key=lambda lam: fit((lam,) * len(mods))[0])
+        current = [shared] * len(mods)
+        if len(l2_grid) > 1 and len(mods) > 1:
+            for j in range(len(mods)):
+                def at(lam: float, j: int = j) -> float:
+                    return fit(tuple([*current[:j], lam, *current[j + 1:]]))[0]
+                current[j] = min(l2_grid, key=at)
+        best, state = fit(tuple(current))
+        net = FusionNet(self.dims_, self.hidden, self.dropout)
+        net.load_state_dict({k: v.float() for k, v in state.items()})
+        by_mod = dict(zip(mods, current, strict=True))
+        log.info("fusion (lbfgs): l2 shared %g, per branch %s; validation log-loss %.4f "
+                 "(%d fits)", shared, by_mod, best, len(cache))
+        return net, history, best, shared, by_mod
 
     def _fit_one(self, l2: float, xs: dict[str, torch.Tensor], ms: torch.Tensor,
                  xv: dict[str, torch.Tensor], mv: torch.Tensor, y_arr: np.ndarray,
@@ -309,9 +459,54 @@ class FusionRiskModel(BaseEstimator):
                   mask: np.ndarray | None = None) -> FusionRiskModel:
         """Fit ``calibration`` on held-out rows (never the training split); returns self."""
         check_is_fitted(self, "net_")
-        self.calibrator_ = make_calibrator(self.calibration).fit(
-            self.predict_logit(X, mask, calibrated=False), y)
+        logit, contrib, present = self._forward(X, mask, None)
+        cal = make_calibrator(self.calibration)
+        if isinstance(cal, PlattScaling) and cal.per_pattern:
+            # A pattern that is rare in the calibration split (imaging missing: ~80
+            # patients) would get a noisy offset from its own rows alone. Every row also
+            # stands in, masked, for each smaller pattern of its modalities -- the same
+            # device as modality dropout -- so each pattern's offset is learned from
+            # most of the split, while the rows that really have the pattern still count.
+            z, keys, w, t = self._masked_copies(logit, contrib, present, np.asarray(y))
+            self.calibrator_ = cal.fit(z, t, keys, sample_weight=w)
+        else:
+            self.calibrator_ = cal.fit(logit, y, self.pattern_keys(present))
         return self
+
+    #: Weight of each masked copy of a calibration row, relative to the row itself.
+    MASKED_COPY_WEIGHT: ClassVar[float] = 0.5
+
+    def _masked_copies(self, logit: np.ndarray, contrib: np.ndarray, present: np.ndarray,
+                       y: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+        """Rows as observed, plus each row with every non-empty proper subset of its modalities."""
+        bias = float(self.net_.bias.detach()[0])
+        zs, ms, ws, ts = [logit], [present], [np.ones(len(logit))], [y]
+        n_mod = present.shape[1]
+        for k in range(1, 2**n_mod - 1):
+            sub = np.array([(k >> j) & 1 for j in range(n_mod)], dtype=bool)
+            rows = np.flatnonzero((present | ~sub).all(axis=1) & (present.sum(axis=1) >
+                                                                   sub.sum()))
+            if not len(rows):
+                continue
+            zs.append(bias + contrib[rows][:, sub].sum(axis=1))
+            ms.append(np.repeat(sub[None, :], len(rows), axis=0))
+            ws.append(np.full(len(rows), self.MASKED_COPY_WEIGHT))
+            ts.append(y[rows])
+        return (np.concatenate(zs), self.pattern_keys(np.vstack(ms)), np.concatenate(ws),
+                np.concatenate(ts))
+
+    def pattern_keys(self, present: np.ndarray) -> list[str]:
+        """Missingness-pattern key of each row of an ``(n, M)`` mask, e.g. ``"ehr+note"``."""
+        m = np.asarray(present, dtype=bool).reshape(-1, len(self.modalities_))
+        return ["+".join(mod for mod, on in zip(self.modalities_, row, strict=True) if on)
+                or "none" for row in m]
+
+    def calibrate_logit(self, logit: np.ndarray, present: np.ndarray) -> np.ndarray:
+        """Apply the calibrator to raw fused logits of rows with availability ``present``."""
+        cal = getattr(self, "calibrator_", None)
+        if cal is None:
+            return np.asarray(logit, dtype=float)
+        return np.asarray(cal.transform(logit, self.pattern_keys(present)), dtype=float)
 
     # -- inference ---------------------------------------------------------------------
 
@@ -368,16 +563,18 @@ class FusionRiskModel(BaseEstimator):
     def predict_logit(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None, *,
                       calibrated: bool = True, device: str | None = None) -> np.ndarray:
         """Fused logit per row (after the calibrator's logit map when there is one)."""
-        logit = self._forward(X, mask, device)[0]
-        cal = getattr(self, "calibrator_", None)
-        return cal.transform(logit) if calibrated and cal is not None else logit
+        logit, _, present = self._forward(X, mask, device)
+        return self.calibrate_logit(logit, present) if calibrated else logit
 
     def predict_proba(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None, *,
                       device: str | None = None) -> np.ndarray:
         """``(n, 2)`` class probabilities, calibrated when :meth:`calibrate` has run."""
-        logit = self._forward(X, mask, device)[0]
+        logit, _, present = self._forward(X, mask, device)
+        z = self.calibrate_logit(logit, present)
         cal = getattr(self, "calibrator_", None)
-        p = cal.predict_proba(logit) if cal is not None else 0.5 * (1 + np.tanh(0.5 * logit))
+        # Isotonic maps to probabilities directly (its logit form clips at eps).
+        p = cal.predict_proba(logit) if isinstance(cal, IsotonicCalibration) else \
+            0.5 * (1 + np.tanh(0.5 * z))
         return np.column_stack([1.0 - p, p])
 
     def per_modality_logits(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None,
@@ -389,9 +586,12 @@ class FusionRiskModel(BaseEstimator):
         """
         _, contribs, present = self._forward(X, mask, device)
         alone = float(self.net_.bias.detach()[0]) + contribs
-        cal = getattr(self, "calibrator_", None)
-        if calibrated and cal is not None:
-            alone = cal.transform(alone.ravel()).reshape(alone.shape)
+        if calibrated:
+            # Each column is "only modality j present": calibrate it as that pattern.
+            for j in range(alone.shape[1]):
+                only = np.zeros((len(alone), len(self.modalities_)), dtype=bool)
+                only[:, j] = True
+                alone[:, j] = self.calibrate_logit(alone[:, j], only)
         return np.where(present, alone, np.nan)
 
     def contributions(self, X: Mapping[str, np.ndarray], mask: np.ndarray | None = None, *,

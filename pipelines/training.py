@@ -13,7 +13,9 @@ Steps (all seeded):
    every series is embedded once (cached per series key and encoder hash).
 5. Stage 2: the fusion model trains on the training split with modality dropout,
    early stopping on validation.
-6. Calibration (temperature by default) on the validation (or calibration) split;
+6. Calibration (Platt with per-missingness-pattern intercepts by default;
+   temperature and isotonic remain options) on the validation split, or on a
+   separate patient-grouped calibration split (``calibration_split="separate"``);
    metrics on the validation split.
 7. The artifact: config (outcome, population, feature source, thresholds,
    preprocessing), weights, scaler, calibration, metrics and a training-data
@@ -84,9 +86,17 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "seed": 0,
     "device": "auto",
     "val_fraction": 0.2,
+    # The fusion head is a convex fit (solver "lbfgs") that uses the validation split
+    # only to pick per-branch L2 strengths from a short grid, so calibrating on that
+    # split costs little optimism; carving out a separate one ("separate") costs
+    # training rows and leaves the rarer missingness patterns a few dozen patients.
+    # Measured at train 1,000 / eval 2,000 (seeds 21/22): "validation" AUROC 0.800,
+    # ECE 0.019 (per pattern 0.024/0.030); "separate" 0.784, 0.040 (0.027/0.054).
     "calibration_split": "validation",  # or "separate": carve it out of the training split
     "calibration_fraction": 0.15,
-    "calibration": "temperature",  # or "isotonic"
+    # Platt slope and intercept plus a shrunk intercept offset per missingness pattern
+    # (models.calibration.PlattScaling); "platt", "temperature" and "isotonic" remain.
+    "calibration": "platt-pattern",
     "decision_thresholds": {"high_risk": 0.3, "moderate_risk": 0.1},
     "progress": False,
     "workers": 2,
@@ -99,8 +109,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
     },
     "fusion": {
         "hidden": 0, "dropout": 0.2, "modality_dropout": 0.15, "lr": 1e-2,
-        "weight_decay": 1e-2, "l2": [0.003, 0.01, 0.03, 0.1], "l2_dim_power": 0.5,
+        "weight_decay": 1e-2, "l2": [0.003, 0.01, 0.03, 0.1, 0.3], "l2_dim_power": 0.5,
         "max_epochs": 300, "min_epochs": 20, "patience": 50, "batch_size": 256,
+        # "auto": the exact full-batch fit (L-BFGS) for linear branches; AdamW with
+        # early stopping only when hidden > 0. At train 1,000 / eval 2,000 the exact fit
+        # gave fused AUROC 0.799 against AdamW's 0.766 on the same inputs.
+        "solver": "auto",
     },
     # pooling "auto": negation pooling for sentence encoders (MiniLM barely tells
     # "Denies chills." from "Endorses chills."), mean for TF-IDF, whose n-grams

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from models.calibration import IsotonicCalibration, TemperatureScaling, calibrator_from_dict
+from models.calibration import (
+    IsotonicCalibration,
+    PlattScaling,
+    TemperatureScaling,
+    calibrator_from_dict,
+    make_calibrator,
+)
 from models.fusion import FusionRiskModel
 from models.image_encoder import ImageEncoder, build_network, count_parameters
 from models.tabular import TabularPreprocessor
@@ -133,6 +139,76 @@ def test_calibration_reduces_ece_on_a_miscalibrated_toy() -> None:
         again = calibrator_from_dict(json.loads(json.dumps(cal.to_dict())))
         np.testing.assert_allclose(again.predict_proba(raw[:50]), cal.predict_proba(raw[:50]))
     assert TemperatureScaling().fit(raw, y).temperature_ == pytest.approx(3.0, rel=0.1)
+
+
+def test_platt_recovers_slope_and_intercept_and_round_trips() -> None:
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=6000)
+    y = (rng.random(6000) < 1 / (1 + np.exp(-(0.5 * z - 1.0)))).astype(int)
+    cal = PlattScaling().fit(z, y)
+    assert cal.slope_ == pytest.approx(0.5, abs=0.08)
+    assert cal.intercept_ == pytest.approx(-1.0, abs=0.1)
+    assert cal.pattern_offsets_ == {}
+    again = calibrator_from_dict(json.loads(json.dumps(cal.to_dict())))
+    np.testing.assert_allclose(again.predict_proba(z[:50]), cal.predict_proba(z[:50]))
+    with pytest.raises(ValueError, match="pattern_prior_sd"):
+        PlattScaling(pattern_prior_sd=0.0).fit(z, y)
+
+
+def test_per_pattern_intercepts_fix_a_shifted_pattern_and_shrink_rare_ones() -> None:
+    rng = np.random.default_rng(2)
+    n = 6000
+    z = rng.normal(size=n)
+    patterns = np.where(rng.random(n) < 0.3, "ehr+note", "image+ehr+note")
+    patterns[:30] = "note"  # rare: its offset must stay near the shared map
+    shift = np.where(patterns == "ehr+note", 0.8, 0.0)  # under-predicted by 0.8 logit
+    y = (rng.random(n) < 1 / (1 + np.exp(-(z + shift)))).astype(int)
+    shared = PlattScaling().fit(z, y, patterns)
+    per = make_calibrator("platt-pattern").fit(z, y, patterns)
+    assert isinstance(per, PlattScaling) and per.per_pattern
+    offsets = per.pattern_offsets_
+    assert offsets["ehr+note"] - offsets["image+ehr+note"] == pytest.approx(0.8, abs=0.15)
+    assert abs(offsets["note"]) < 0.3
+    sel = patterns == "ehr+note"
+    assert _ece(y[sel], per.predict_proba(z, patterns)[sel]) < \
+        _ece(y[sel], shared.predict_proba(z, patterns)[sel]) / 2
+    again = calibrator_from_dict(json.loads(json.dumps(per.to_dict())))
+    np.testing.assert_allclose(again.transform(z[:50], patterns[:50]),
+                               per.transform(z[:50], patterns[:50]))
+    # Without patterns (or an unseen one) no offset applies.
+    np.testing.assert_allclose(per.transform(z[:5]), per.slope_ * z[:5] + per.intercept_)
+
+
+def test_lbfgs_fusion_is_deterministic_and_calibrated_per_pattern() -> None:
+    X, y = _toy(3000, 5)
+    Xv, yv = _toy(1500, 6)
+    rng = np.random.default_rng(7)
+    mask = np.ones((3000, 3), bool)
+    mask[rng.random(3000) < 0.3, 0] = False  # imaging missing for ~30 %
+    mask_v = np.ones((1500, 3), bool)
+    mask_v[rng.random(1500) < 0.3, 0] = False
+    kw = {"device": "cpu", "l2": [0.003, 0.03], "modality_dropout": 0.15}
+    a = FusionRiskModel(**kw).fit(X, y, mask, X_val=Xv, y_val=yv, mask_val=mask_v)
+    b = FusionRiskModel(**kw).fit(X, y, mask, X_val=Xv, y_val=yv, mask_val=mask_v)
+    np.testing.assert_array_equal(a.predict_logit(Xv, mask_v), b.predict_logit(Xv, mask_v))
+    assert set(a.l2_by_modality_) == {"image", "ehr", "note"}
+    a.calibrate(Xv, yv, mask_v)
+    assert isinstance(a.calibrator_, PlattScaling) and a.calibrator_.per_pattern
+    # Every pattern reachable by masking gets an offset, rare or absent ones included.
+    assert {"ehr+note", "image+ehr+note", "note", "image"} <= set(a.calibrator_.pattern_offsets_)
+    Xt, yt = _toy(4000, 8)
+    p = a.predict_proba(Xt, np.ones((4000, 3), bool))[:, 1]
+    assert _ece(yt, p) < 0.05  # 10-bin ECE of 4,000 calibrated rows is ~0.02 by noise alone
+    alone = a.per_modality_logits(Xt, np.ones((4000, 3), bool))
+    only_note = np.zeros((4000, 3), bool)
+    only_note[:, 2] = True
+    np.testing.assert_allclose(alone[:, 2], a.predict_logit(Xt, only_note), atol=1e-5)
+    cfg, state = a.to_state()
+    again = FusionRiskModel.from_state(json.loads(json.dumps(cfg)), state)
+    np.testing.assert_allclose(again.predict_proba(Xt, mask=None),
+                               a.predict_proba(Xt, mask=None), atol=1e-6)
+    with pytest.raises(ValueError, match="linear branches only"):
+        FusionRiskModel(solver="lbfgs", hidden=4, device="cpu").fit(X, y, X_val=Xv, y_val=yv)
 
 
 def test_tabular_preprocessor_imputes_and_flags() -> None:

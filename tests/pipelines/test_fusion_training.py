@@ -181,3 +181,59 @@ def test_png_manifest_with_free_text_notes(tmp_path: Path) -> None:
     assert roc_auc_score(scores["label"], scores["score"]) > 0.7
     assert set(scores["modalities"]) >= {"image+ehr+note"}
     assert np.isfinite(scores["score"]).all()
+
+
+@pytest.mark.slow
+def test_quality_targets_reproduced_at_a_smaller_size(tmp_path: Path) -> None:
+    """The issue-5 quality targets at a smaller size, with looser bounds.
+
+    Full size (docs/evaluation): train 2,000 / evaluate 5,000 patients of 32x64^2 CT,
+    MiniLM notes, 5 seed pairs. Here: train 800 / evaluate 1,500 of 8x32^2 CT, TF-IDF
+    notes, one seed pair, 100 bootstrap resamples -- so each bound is looser:
+
+    ========================================  ==============  =================
+    target                                    full size       here
+    ========================================  ==============  =================
+    fused AUROC vs observable Bayes AUROC     >= Bayes - 0.02  >= Bayes - 0.09
+    fused - best masked single modality       CI low > 0.02    point > 0.02
+    image withheld vs retrained tab+notes     >= -0.01         >= -0.03
+    ECE overall                               <= 0.03          <= 0.05
+    ECE per pattern (patterns >= 500 / 200)   <= 0.05          <= 0.08
+    ========================================  ==============  =================
+
+    Measured (2026-11-26): Bayes 0.855, fused 0.783, best single (ehr) 0.708, image
+    withheld - tab+notes +0.001, ECE 0.035, per pattern 0.038 (all three, n=1048) and
+    0.064 (ehr+note, n=269). At this size the fusion head learns from 640 patients, so
+    the gap to Bayes is wider than at full size (0.03).
+    """
+    generate_cohort(800, tmp_path / "train", seed=61, n_slices=8, size=32, workers=1)
+    generate_cohort(1500, tmp_path / "test", seed=62, n_slices=8, size=32, workers=1)
+    model = train(tmp_path / "train" / "manifest.csv", tmp_path / "model", config=SMALL,
+                  cache_dir=tmp_path / "cache")
+    err = _err()
+    assert main_evaluate(model, tmp_path / "test" / "manifest.csv", tmp_path / "eval", 100,
+                         trusted_keys=[tmp_path / "model.key.pub"], stderr=err) == 0, \
+        err.getvalue()
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    truth = pd.read_csv(tmp_path / "test" / "truth.csv")
+    bayes = roc_auc_score(truth["label"], truth["bayes_posterior"])
+    rows = {r["name"]: r["metrics"] for r in report["ablation"]["rows"]}
+    fused = rows["fused"]["auroc"]["point"]
+    best_single = max(rows[m]["auroc"]["point"] for m in ("image", "ehr", "note"))
+    withheld = report["baseline_comparisons"][
+        "fused with image withheld vs retrained without image"]["difference"]["point"]
+    ece = report["overall"]["metrics"]["ece"]["point"]
+    per_pattern = {r["pattern"]: r["mean_predicted"] - r["observed_rate"]
+                   for r in report["ece_by_pattern"]["rows"] if r["n_patients"] >= 200}
+    pattern_ece = {r["pattern"]: r["ece"]["point"] for r in report["ece_by_pattern"]["rows"]
+                   if r["ece"] is not None and r["n_patients"] >= 200}
+    measured = {"bayes": bayes, "fused": fused, "best_single": best_single,
+                "withheld_minus_tab_notes": withheld, "ece": ece, "pattern_ece": pattern_ece,
+                "pattern_bias": per_pattern}
+    assert fused >= bayes - 0.09, measured
+    assert fused - best_single > 0.02, measured
+    assert withheld >= -0.03, measured
+    assert ece <= 0.05, measured
+    assert all(v <= 0.08 for v in pattern_ece.values()), measured
+    # And no large pattern is systematically over- or under-predicted.
+    assert all(abs(v) <= 0.05 for v in per_pattern.values()), measured
