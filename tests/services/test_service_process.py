@@ -129,7 +129,8 @@ def test_kill_9_during_bulk_ingest_leaves_nothing_half_written(server: ServerPro
                                                                db_engine: Engine,
                                                                service_model: SynthModel
                                                                ) -> None:
-    body = _ndjson(service_model, service_model.rows()[:25])
+    # Every patient of the cohort: an ingest of many seconds even on an idle machine.
+    body = _ndjson(service_model, list(range(len(service_model.frame()))))
     n_lines = body.count(b"\n")
     server.start()
     headers = {**server.headers(Role.integration), "Content-Type": "application/fhir+ndjson"}
@@ -145,8 +146,8 @@ def test_kill_9_during_bulk_ingest_leaves_nothing_half_written(server: ServerPro
     sender = threading.Thread(target=post)
     sender.start()
     # Kill once the server is inside the ingest (the body is on loopback within ms; the
-    # unit takes seconds).
-    time.sleep(2.0)
+    # unit takes tens of seconds).
+    time.sleep(1.5)
     server.kill9()
     sender.join(timeout=60)
     assert "error" in outcome, f"the ingest finished before the kill: {outcome}"
