@@ -386,25 +386,12 @@ default="platt-pattern"
                  y_val: np.ndarray, device: torch.device
                  ) -> tuple[FusionNet, list[dict[str, float]], int, float]:
         """One training run at L2 strength ``l2``: (net at its best epoch, history, epoch, loss)."""
-        modalities = self.modalities_
         yt = torch.as_tensor(y_arr)
         yv = torch.as_tensor(y_val)
         torch.manual_seed(self.seed)
         gen = torch.Generator().manual_seed(self.seed)
-        net = FusionNet(self.dims_, self.hidden, self.dropout).to(device)
-        with torch.no_grad():  # start at the base rate: fewer epochs, a sane early stop
-            rate = float(y_arr.mean())
-            net.bias.fill_(math.log(rate / (1 - rate)))
-            for j, m in enumerate(modalities):  # standardise on the rows that have m
-                present = ms[:, j] > 0
-                if present.any():
-                    rows = xs[m][present].double()
-                    std = rows.std(dim=0, unbiased=False) if len(rows) > 1 else \
-                        torch.ones(rows.shape[1], dtype=torch.float64)
-                    branch = net.branches[m]
-                    assert isinstance(branch, Branch)
-                    branch.shift.copy_(rows.mean(dim=0).float())
-                    branch.scale.copy_(torch.where(std > 1e-6, std, 1.0).float())
+        # Start at the base rate (fewer epochs, a sane early stop), branches standardised.
+        net = self._init_net(xs, ms, y_arr).to(device)
         linear = [p for n_, p in net.named_parameters() if ".linear.weight" in n_]
         # Wider branches get a proportionally stronger penalty (d ** l2_dim_power), so a
         # 770-wide note branch cannot outfit a 1-wide image branch on noise.

@@ -59,6 +59,7 @@ from fhir_adapters.record import PatientRecord, age_band, ensure_utc, record_fro
 from pipelines.ehr_features import record_features
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 from pipelines.synth.codes import OUTCOME_DEFINITION
+from pipelines.synth.manifest import FLOAT_FORMAT
 from services.tables import DicomInstanceRow, PatientIdentifierRow, PatientRow
 
 __all__ = ["BUILTIN_OUTCOMES", "CohortExport", "OutcomeDefinition", "audit_attributes",
@@ -305,7 +306,7 @@ def export_cohort(session: Session, dicom_root: Path | None, out_dir: Path,
                        pd.DataFrame(feature_rows, columns=spec.column_names(), dtype=float)],
                       axis=1)
     path = out_dir / "manifest.csv"
-    frame.to_csv(path, index=False, float_format="%.17g")
+    frame.to_csv(path, index=False, float_format=FLOAT_FORMAT)
     positives = int(frame["label"].sum())
     sidecar = {
         "sensitive": SENSITIVE,
