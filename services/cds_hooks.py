@@ -488,6 +488,9 @@ def _detail(prediction: PredictionRow, service: PredictionService) -> str:
                      f"Decision thresholds: {thresholds}. "
                      f"Inputs used: {prediction.modalities.replace('+', ', ')}. "
                      "The risk is calibrated on the model's validation data.")
+    when = prediction.index_time.strftime("%Y-%m-%d %H:%M")
+    lines.append(f"Computed {when} UTC by {prediction.model_name} "
+                 f"{prediction.model_version}.")
     lines.append("")
     lines.append(f"**{service.validation_label}.**")
     return "\n".join(lines)
@@ -557,11 +560,13 @@ def _store(session: Session, request: HookRequest, data: dict[str, list[dict[str
 
 
 def handle_patient_view(session: Session, service: PredictionService, request: HookRequest,
-                        *, requested_by: str, base_url: str) -> HookResult:
+                        *, requested_by: str, base_url: str, reuse_within_s: float = 0.0
+                        ) -> HookResult:
     """Answer a patient-view call: store the data, predict, one card.
 
     The index time is now (the service's clock): patient-view asks about the patient
-    as they are when the chart opens.
+    as they are when the chart opens. A prediction made from the same data at most
+    ``reuse_within_s`` seconds ago is answered again (``prediction_reuse_s``).
     """
     if request.hook != HOOK:
         raise HookError(400, f"this service answers the {HOOK} hook only", "hook", "value")
@@ -572,7 +577,8 @@ def handle_patient_view(session: Session, service: PredictionService, request: H
     session.commit()
     card_uuid = str(uuid.uuid4())
     row = service.predict_patient(session, patient_id, source="cds-hooks",
-                                  requested_by=requested_by, card_uuid=card_uuid)
+                                  requested_by=requested_by, card_uuid=card_uuid,
+                                  reuse_within_s=reuse_within_s)
     # Committed before answering: the card's uuid must exist when feedback on it arrives.
     session.commit()
     return HookResult({"cards": [build_card(row, service, base_url=base_url)]}, row, fetched)

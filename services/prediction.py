@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -38,7 +39,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -598,10 +599,24 @@ class PredictionService:
             raise PredictionError(str(exc)) from None
         return resource
 
+    def input_digest(self, record: Mapping[str, Any], imaging: ImagingSeries | None) -> str:
+        """sha256 of what a prediction is made from: the model, the stored record, the series.
+
+        The series folder is named by its instances' content hashes, so a new or
+        replaced instance changes the digest.
+        """
+        h = hashlib.sha256(f"clinfuse-prediction-input/1\n{self.model_name}\n"
+                           f"{self.model_version}\n".encode())
+        h.update(json.dumps(record, sort_keys=True, separators=(",", ":"),
+                            default=str).encode())
+        if imaging is not None:
+            h.update(f"\n{imaging.SeriesInstanceUID}\n{imaging.folder.name}".encode())
+        return h.hexdigest()
+
     def predict_record(self, session: Session, patient_id: str, record: PatientRecord,
                        index_time: datetime, imaging: ImagingSeries | None, *, source: str,
-                       requested_by: str | None, card_uuid: str | None = None
-                       ) -> PredictionRow:
+                       requested_by: str | None, card_uuid: str | None = None,
+                       input_digest: str | None = None) -> PredictionRow:
         """Evaluate and store one prediction (flushed, not committed: the caller commits)."""
         result = self.evaluate(record, index_time, imaging, patient_id=patient_id)
         # A refusal leaves explanation and risk_assessment unset, so they are SQL NULL
@@ -615,7 +630,8 @@ class PredictionService:
             probability=result.probability, refusal=result.refusal,
             decisions=result.decisions, modalities=result.modalities,
             attributes=result.attributes, source=source, cds_card_uuid=card_uuid,
-            requested_by=requested_by, created_at=datetime.now(UTC), **documents)
+            requested_by=requested_by, created_at=datetime.now(UTC),
+            input_digest=input_digest, **documents)
         session.add(row)
         session.flush()
         log.info("prediction %s stored (source %s, %s, %.0f ms)", row.id, source,
@@ -624,11 +640,19 @@ class PredictionService:
 
     def predict_patient(self, session: Session, patient_id: str, *, source: str,
                         requested_by: str | None, index_time: datetime | None = None,
-                        card_uuid: str | None = None) -> PredictionRow:
+                        card_uuid: str | None = None, reuse_within_s: float = 0.0
+                        ) -> PredictionRow:
         """Predict for a stored patient as of ``index_time`` (default: now).
 
         The background job worker calls this for ``patient-updated`` jobs, the
         ``$predict`` routes and the CDS hook (with the card's uuid) too.
+
+        With ``reuse_within_s`` > 0 (the CDS hook, index time now), a prediction this
+        model made from the same record and imaging series (same input digest) at most
+        that many seconds ago is returned instead of a new one: a chart opened again
+        a minute later gets the same answer without the model running. Only features
+        that age with the clock (hours since the last result) could differ. The reused
+        row takes ``card_uuid`` if it has no card yet.
 
         Raises
         ------
@@ -643,8 +667,23 @@ class PredictionService:
             record.key = PatientIdentifier(patient.identifier_system, patient.identifier_value)
         t = ensure_utc(index_time) if index_time is not None else self.clock()
         imaging = self.find_imaging(record, t)
+        digest = self.input_digest(patient.record, imaging)
+        if reuse_within_s > 0 and index_time is None:
+            fresh = session.scalars(
+                select(PredictionRow).where(
+                    PredictionRow.patient_id == patient_id,
+                    PredictionRow.input_digest == digest,
+                    PredictionRow.created_at >= datetime.now(UTC) - timedelta(
+                        seconds=reuse_within_s))
+                .order_by(PredictionRow.created_at.desc()).limit(1)).first()
+            if fresh is not None:
+                if fresh.cds_card_uuid is None and card_uuid is not None:
+                    fresh.cds_card_uuid = card_uuid
+                    session.flush()
+                return fresh
         return self.predict_record(session, patient_id, record, t, imaging, source=source,
-                                   requested_by=requested_by, card_uuid=card_uuid)
+                                   requested_by=requested_by, card_uuid=card_uuid,
+                                   input_digest=digest)
 
     def warm_up(self) -> None:
         """Run one throw-away explanation so the first request does not pay for imports."""

@@ -135,6 +135,9 @@ class PredictionRow(Base):
     source: Mapped[str] = mapped_column(String(32))  # fhir | cds-hooks | job | dashboard
     cds_card_uuid: Mapped[str | None] = mapped_column(String(64), unique=True)
     requested_by: Mapped[str | None] = mapped_column(String(256))
+    #: sha256 of what the prediction was made from (model version, the patient's record,
+    #: the imaging series): a CDS hook reuses a fresh prediction with the same digest.
+    input_digest: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class FeedbackRow(Base):

@@ -51,6 +51,10 @@ class Settings(BaseSettings):
     #: Directory for the model's caches (image tensors, sentence vectors, saliency).
     cache_dir: Path | None = None
 
+    #: A CDS hook answers again with a prediction the same model made from the same record
+    #: and imaging at most this many seconds ago; 0 makes every hook run the model.
+    prediction_reuse_s: float = 300.0
+
     #: How long a background job's lease lasts; a crashed worker's job runs again after it.
     job_lease_s: float = 300.0
 

@@ -164,9 +164,11 @@ def test_hook_with_prefetch_then_feedback(client: TestClient, synth: SynthModel,
     r, first_ms = call(client, body)
     assert r.status_code == 200, r.text
     [card] = r.json()["cards"]
-    # Again, as when the chart is reopened: data unchanged, caches warm.
+    # Again, as when the chart is reopened: data unchanged, so the fresh prediction
+    # (prediction_reuse_s) is answered again, card and all.
     r2, warm_ms = call(client, {**body, "hookInstance": str(uuid.uuid4())})
     assert r2.status_code == 200
+    assert r2.json()["cards"][0]["uuid"] == card["uuid"]
     print(f"\nCDS hook with prefetch (synth patient, CT + labs + notes): first {first_ms:.0f} ms, "
           f"warm {warm_ms:.0f} ms (server {r2.headers['server-timing']})")
 
@@ -219,7 +221,7 @@ def test_hook_with_prefetch_then_feedback(client: TestClient, synth: SynthModel,
             2023, 9, 9, 8, 5, tzinfo=UTC)
         assert accepted.override_reason is None
     r = client.get(f"/predictions/{saved.id}", headers=bearer(app, Role.clinician))
-    assert [f["outcome"] for f in r.json()["feedback"]] == ["overridden"]
+    assert sorted(f["outcome"] for f in r.json()["feedback"]) == ["accepted", "overridden"]
 
     # Unknown card: 404, and nothing of the request is stored.
     r = client.post(f"{HOOK_URL}/feedback", json={"feedback": [
@@ -243,6 +245,47 @@ def test_hook_with_prefetch_then_feedback(client: TestClient, synth: SynthModel,
     r = client.post(f"{HOOK_URL}/feedback", json={"feedback": []},
                     headers=bearer(app, Role.compliance))
     assert r.status_code == 403
+
+
+def test_hook_reuses_a_fresh_prediction_only_for_the_same_data(
+        client: TestClient, synth: SynthModel) -> None:
+    row = synth.rows()[1]
+    app = app_of(client)
+    set_clock(client, synth.index_time(row))
+    bundle = synth.bundle(row)
+    patient_id = next(e["resource"]["id"] for e in bundle["entry"]
+                      if e["resource"]["resourceType"] == "Patient")
+    prefetch = prefetch_for(bundle)
+
+    def card_of(body: dict[str, Any]) -> dict[str, Any]:
+        r, _ = call(client, body)
+        assert r.status_code == 200, r.text
+        card: dict[str, Any] = r.json()["cards"][0]
+        return card
+
+    first = card_of(hook(patient_id, prefetch=prefetch))
+    assert card_of(hook(patient_id, prefetch=prefetch))["uuid"] == first["uuid"]
+    # A new result changes the record: the model runs again.
+    observations = prefetch["observations"]
+    new = {**observations["entry"][0]["resource"], "id": "late-result",
+           "identifier": [{"system": "urn:test", "value": "late-result"}]}
+    changed = {**prefetch, "observations": {**observations, "entry": [
+        *observations["entry"], {"resource": new}]}}
+    second = card_of(hook(patient_id, prefetch=changed))
+    assert second["uuid"] != first["uuid"]
+    # Reuse switched off: every call predicts.
+    app.state.settings = app.state.settings.model_copy(update={"prediction_reuse_s": 0})
+    third = card_of(hook(patient_id, prefetch=changed))
+    assert third["uuid"] != second["uuid"]
+    with session_scope(app.state.sessions) as session:
+        rows = session.scalars(select(PredictionRow).join(
+            PatientRow, PatientRow.id == PredictionRow.patient_id).where(
+            PredictionRow.source == "cds-hooks")).all()
+        mine = [p for p in rows if p.cds_card_uuid in {first["uuid"], second["uuid"],
+                                                         third["uuid"]}]
+        assert len(mine) == 3
+        assert mine[0].input_digest is not None
+        assert len({p.input_digest for p in mine}) == 2
 
 
 def test_hook_fetches_synthea_patient_from_the_fhir_server(

@@ -96,7 +96,8 @@ async def call_service(request: Request, service_id: str, principal: Hooker,
             request, settings.max_upload_bytes))
         root = base_url(request, settings, "")
         result = await run_in_threadpool(cds_hooks.handle_patient_view, session, service, hook,
-                                         requested_by=principal.subject, base_url=root)
+                                         requested_by=principal.subject, base_url=root,
+                                         reuse_within_s=settings.prediction_reuse_s)
     except HookError as exc:
         # An answered error must not commit: SessionDep commits whatever is left.
         session.rollback()
