@@ -68,6 +68,20 @@ def pseudonym(patient_id: str | None, secret: bytes) -> str | None:
     return "P-" + hmac.new(secret, patient_id.encode(), hashlib.sha256).hexdigest()[:16]
 
 
+@dataclass
+class _Pending:
+    """One entry waiting for its group commit."""
+
+    principal: Principal
+    action: str
+    resource: str
+    patient_id: str | None
+    purpose: str
+    status: int
+    seq: int | None = None
+    error: Exception | None = None
+
+
 class AccessLog:
     """Appends entries and writes signed checkpoints of the chain head."""
 
@@ -82,38 +96,63 @@ class AccessLog:
         self.key_id = public_key_fingerprint(self.public_key)
         self.checkpoint_every = checkpoint_every
         self.checkpoint_interval_s = checkpoint_interval_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one writer at a time
+        self._queue_lock = threading.Lock()
+        self._pending: list[_Pending] = []
         self._since_checkpoint = 0
         self._last_checkpoint = time.monotonic()
 
     def record(self, principal: Principal, *, action: str, resource: str,
                patient_id: str | None = None, purpose: str | None = None,
                status: int = 200) -> int:
-        """Append one entry in its own transaction; returns its sequence number."""
-        for attempt in range(20):
-            try:
-                with self._lock, session_scope(self.sessions) as session:
-                    seq = self._append(session, principal, action, resource, patient_id,
-                                       purpose or DEFAULT_PURPOSE[principal.role], status)
-                break
-            except (IntegrityError, OperationalError):
-                # Another process took this seq first (or, on SQLite, holds the write lock):
-                # re-read the head and try again.
-                time.sleep(0.005 * (attempt + 1))
-        else:
-            raise RuntimeError("could not append to the access log: the chain head kept moving")
-        self._since_checkpoint += 1
+        """Append one entry; returns its sequence number once it is committed.
+
+        Group commit: the thread that gets the writer lock appends every entry waiting
+        at that moment in one transaction, so under load the requests share a few
+        transactions instead of queueing for the database's write lock one by one.
+        """
+        entry = _Pending(principal, action, resource, patient_id,
+                         purpose or DEFAULT_PURPOSE[principal.role], status)
+        with self._queue_lock:
+            self._pending.append(entry)
+        with self._lock:
+            if entry.seq is None and entry.error is None:
+                with self._queue_lock:
+                    batch, self._pending = self._pending, []
+                self._write(batch)
+        if entry.error is not None:
+            raise RuntimeError("could not append to the access log") from entry.error
+        assert entry.seq is not None
         if (self._since_checkpoint >= self.checkpoint_every
                 or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s):
             self.checkpoint()
-        return seq
+        return entry.seq
+
+    def _write(self, batch: list[_Pending]) -> None:
+        """Append ``batch`` in one transaction (the caller holds the writer lock)."""
+        error: Exception | None = None
+        for attempt in range(20):
+            try:
+                with session_scope(self.sessions) as session:
+                    seqs = [self._append(session, e.principal, e.action, e.resource,
+                                         e.patient_id, e.purpose, e.status) for e in batch]
+                for e, seq in zip(batch, seqs, strict=True):
+                    e.seq = seq
+                self._since_checkpoint += len(batch)
+                return
+            except (IntegrityError, OperationalError) as exc:
+                # Another process took this seq first (or, on SQLite, holds the write lock):
+                # re-read the head and try again.
+                error = exc
+                time.sleep(0.005 * (attempt + 1))
+        for e in batch:
+            e.error = error or RuntimeError("the chain head kept moving")
 
     def _append(self, session: Session, principal: Principal, action: str, resource: str,
                 patient_id: str | None, purpose: str, status: int) -> int:
         if session.get_bind().dialect.name == "postgresql":
             session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
-        last = session.scalars(select(AccessLogRow).order_by(AccessLogRow.seq.desc())
-                               .limit(1)).one_or_none()
+        last = self._head(session)
         row = AccessLogRow(seq=(last.seq + 1) if last else 1, at=datetime.now(UTC),
                            subject=principal.subject[:256], role=principal.role.value,
                            action=action[:64], resource=resource[:512], patient_id=patient_id,
@@ -122,7 +161,17 @@ class AccessLog:
         row.hash = entry_hash(row)
         session.add(row)
         session.flush()
+        session.info["access_log_head"] = row
         return row.seq
+
+    @staticmethod
+    def _head(session: Session) -> AccessLogRow | None:
+        """The chain head: the row this transaction appended last, else the newest stored."""
+        head: AccessLogRow | None = session.info.get("access_log_head")
+        if head is not None:
+            return head
+        return session.scalars(select(AccessLogRow).order_by(AccessLogRow.seq.desc())
+                               .limit(1)).one_or_none()
 
     def checkpoint(self) -> AccessLogCheckpointRow | None:
         """Sign the current chain head; None when the log is empty."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -60,6 +62,24 @@ def build_token_verifier(settings: Settings, local: LocalIssuer | None) -> Token
                          role_claim=settings.auth_role_claim)
 
 
+def freeze_heap_after(warm_up: threading.Thread | None) -> None:
+    """Once start-up and the model's warm-up are done, move the heap out of the collector.
+
+    The libraries and the model leave about 800,000 objects, and on the 2-core
+    reference VM a full collection over them paused every request for about half a
+    second every few seconds under load. Frozen objects are never collected again;
+    they live as long as the process anyway.
+    """
+    def freeze() -> None:
+        if warm_up is not None:
+            warm_up.join()
+        gc.collect()
+        gc.freeze()
+        log.info("start-up heap frozen (%d objects)", gc.get_freeze_count())
+
+    threading.Thread(target=freeze, name="clinfuse-gc-freeze", daemon=True).start()
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the database is migrated and the stores opened at start-up."""
     settings = settings or get_settings()
@@ -85,8 +105,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             served = model_registry.active_model_path(session, settings)
         app.state.predictions = PredictionService.from_settings(
             settings.model_copy(update={"model_path": served}), app.state.dicom_store)
+        warm_up = None
         if app.state.predictions is not None:
-            app.state.predictions.start_warm_up()
+            warm_up = app.state.predictions.start_warm_up()
+        if settings.gc_freeze_after_warm_up:
+            freeze_heap_after(warm_up)
         # Durable background jobs (embeddings, predictions after new data); jobs left
         # running by a killed process are picked up again once their lease expires.
         app.state.jobs = JobWorker(app.state.sessions, lease_s=settings.job_lease_s)

@@ -81,6 +81,17 @@ def link_identifiers(session: Session, patient_id: str,
     session.flush()
 
 
+def identifiers_known(session: Session, identifiers: Iterable[PatientIdentifier]) -> bool:
+    """Whether every one of ``identifiers`` is already stored (naming any patient)."""
+    wanted = {(i.system, i.value) for i in identifiers}
+    if not wanted:
+        return True
+    found = set(session.execute(select(PatientIdentifierRow.system, PatientIdentifierRow.value)
+                                .where(tuple_(PatientIdentifierRow.system,
+                                              PatientIdentifierRow.value).in_(sorted(wanted)))))
+    return {(s, v) for s, v in found} == wanted
+
+
 def identifiers_of(session: Session, patient_id: str) -> list[PatientIdentifier]:
     """Every identifier that names the patient, sorted."""
     rows = session.execute(select(PatientIdentifierRow.system, PatientIdentifierRow.value)

@@ -62,7 +62,12 @@ from fhir_adapters.hl7v2 import AckCode, ack_code_for, build_ack
 from fhir_adapters.hl7v2_parse import parse_fast, split_messages
 from fhir_adapters.hl7v2_to_fhir import message_to_resources
 from fhir_adapters.record import PatientIdentifier, PatientRecord
-from services.patient_store import find_patients, identifiers_of, link_identifiers
+from services.patient_store import (
+    find_patients,
+    identifiers_known,
+    identifiers_of,
+    link_identifiers,
+)
 from services.tables import Base, FhirResourceRow, JobRow, PatientRow, PredictionRow
 
 __all__ = [
@@ -357,12 +362,21 @@ def _conditional_identifier(ref: str) -> tuple[str, str, str] | None:
 # --------------------------------------------------------------------------- the unit
 
 
+class _WouldChange(Exception):
+    """A read-only pass found something to store."""
+
+
 class _Unit:
-    """One unit of ingest (a Bundle, an NDJSON file, an HL7 message) against the store."""
+    """One unit of ingest (a Bundle, an NDJSON file, an HL7 message) against the store.
+
+    With ``dry`` the unit only reads: it raises :class:`_WouldChange` at the first
+    thing it would write, and otherwise ends with every entry ``unchanged``.
+    """
 
     def __init__(self, session: Session, items: Sequence[Incoming], source: Source,
-                 event: str | None) -> None:
+                 event: str | None, *, dry: bool = False) -> None:
         self.session = session
+        self.dry = dry
         self.items = list(items)
         self.source = source
         self.event = event
@@ -414,6 +428,11 @@ class _Unit:
                 (self.rt(n), identity), row.id if row is not None else _new_id())
         for n, identity in enumerate(identities):
             self.store(n, identity, rows)
+        if self.dry:
+            if any(self.rt(n) == "Patient" and item.resource.get("link")
+                   for n, item in enumerate(self.items)):
+                raise _WouldChange  # merges are left to the writing pass
+            return self.result
         self.session.flush()
         self.merges()
         return self.result
@@ -445,14 +464,23 @@ class _Unit:
                 assert row is not None
                 if row.resource_id is None or (row.identifier_system, row.identifier_value) == (
                         key.system, key.value):
-                    row.resource_id = _str(item.resource.get("id")) or row.resource_id
+                    resource_id = _str(item.resource.get("id")) or row.resource_id
+                    if self.dry and resource_id != row.resource_id:
+                        raise _WouldChange
+                    row.resource_id = resource_id
+            elif self.dry:
+                raise _WouldChange
             else:
                 row = PatientRow(identifier_system=key.system, identifier_value=key.value,
                                  resource_id=_str(item.resource.get("id")), record={})
                 self.session.add(row)
                 self.session.flush()
                 patient_id = row.id
-            link_identifiers(self.session, patient_id, identifiers, steal=False)
+            if self.dry:
+                if not identifiers_known(self.session, identifiers):
+                    raise _WouldChange
+            else:
+                link_identifiers(self.session, patient_id, identifiers, steal=False)
             self.patient_of[n] = patient_id
 
     def resolve_in_unit(self, ref: str) -> int | None:
@@ -490,6 +518,8 @@ class _Unit:
                 return found.pop() if len(found) == 1 else None
             # A conditional reference names the patient by business key: that is enough
             # to file the data now; demographics follow when the Patient arrives.
+            if self.dry:
+                raise _WouldChange
             row = PatientRow(identifier_system=system, identifier_value=value, record={})
             self.session.add(row)
             self.session.flush()
@@ -616,6 +646,8 @@ class _Unit:
         resource = self.normalise(n)
         digest, status = _sha256(resource), _status_of(resource)
         row = rows.get((rt, identity))
+        if self.dry and row is None:
+            raise _WouldChange
         if row is None and rt == "Encounter" and self.source == "hl7v2" and patient_id:
             target = self.cancellation_target(patient_id)
             if target is not None:
@@ -633,6 +665,8 @@ class _Unit:
             self.result.entries.append(EntryResult(item.expr, rt, "unchanged",
                                                    self.server_id[n], patient_id))
             return
+        if self.dry:
+            raise _WouldChange
         outcome: Outcome = "updated"
         if row is None:
             row = FhirResourceRow(id=self.server_id[n] if rt != "Patient" else _new_id(),
@@ -904,6 +938,10 @@ def ingest(session: Session, items: Sequence[Incoming], *, source: Source,
                 item.resource.get("resourceType"), str):
             raise IngestError(Issue("structure", "expected a FHIR resource (a JSON object with "
                                     "a resourceType)", item.expr or f"resource {n}"))
+    # A resend of stored data (every CDS hook's prefetch, a replayed HL7 feed) is found
+    # unchanged by reads alone, without taking the database's write lock.
+    with suppress(_WouldChange, IngestError):  # the writing pass raises the same errors
+        return _Unit(session, items, source, event, dry=True).run()
     with atomic(session):
         result = _Unit(session, items, source, event).run()
         if refresh:

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     #: and imaging at most this many seconds ago; 0 makes every hook run the model.
     prediction_reuse_s: float = 300.0
 
+    #: Freeze the start-up heap (libraries, model) out of the garbage collector once the
+    #: model is warm: full collections then stop pausing requests. Off for test runs that
+    #: build many apps in one process.
+    gc_freeze_after_warm_up: bool = True
+
     #: How long a background job's lease lasts; a crashed worker's job runs again after it.
     job_lease_s: float = 300.0
 

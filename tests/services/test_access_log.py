@@ -8,13 +8,14 @@ pseudonyms, admins the opaque ids.
 from __future__ import annotations
 
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 from fastapi.testclient import TestClient
-from sqlalchemy import Engine, delete, text, update
+from sqlalchemy import Engine, delete, select, text, update
 
 from services.access_log import AccessLog, entry_hash, pseudonym, verify_chain
 from services.api.routes.access_log import pseudonym_secret
@@ -63,6 +64,34 @@ def test_untouched_log_verifies(db_engine: Engine, log_and_key: tuple[AccessLog,
     assert _problems(db_engine, pem) == []
     code, out = _cli(db_engine, pem, capsys)
     assert code == 0 and "access log OK: 10 entries, 1 signed checkpoint" in out
+
+
+def test_concurrent_appends_share_transactions_and_keep_one_chain(
+        db_engine: Engine, tmp_path: Path) -> None:
+    access_log = AccessLog(session_factory(db_engine), tmp_path / "log.pem",
+                           checkpoint_every=50, checkpoint_interval_s=1e9)
+    seqs: list[int] = []
+    errors: list[BaseException] = []
+
+    def work(worker: int) -> None:
+        try:
+            for n in range(25):
+                seqs.append(access_log.record(CLINICIAN, action="read", resource="GET /x",
+                                              patient_id=f"p{worker}-{n}"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert sorted(seqs) == list(range(1, 201))
+    with session_factory(db_engine)() as session:
+        assert verify_chain(session, access_log.public_key).ok
+        patients = set(session.scalars(select(AccessLogRow.patient_id)))
+    assert patients == {f"p{w}-{n}" for w in range(8) for n in range(25)}
 
 
 def test_edited_entry_is_detected(db_engine: Engine, log_and_key: tuple[AccessLog, Path],
