@@ -114,6 +114,7 @@ class HistogramBootstrap:
         self.n_entries = self.n_cells * n_bins * n_labels
         self.membership = np.asarray(membership, dtype=np.float64)
         entry = (cell.astype(np.int64) * n_bins + bins) * n_labels + label
+        self._entry = entry
         _, pat, rows_per = np.unique(patient, return_inverse=True, return_counts=True)
         single = rows_per[pat] == 1
         counts = np.bincount(entry[single], minlength=self.n_entries)
@@ -161,6 +162,24 @@ class HistogramBootstrap:
                 flat += (self._multi @ np.ascontiguousarray(w.T)).T
             yield self._group(flat)
             done += block
+
+    def weighted(self, row_weights: np.ndarray) -> np.ndarray:
+        """Group histograms of given replicate weights, ``(groups, block, bins, labels)``.
+
+        ``row_weights`` is ``(block, n_rows)``: each row's weight in each replicate
+        (for a patient bootstrap, rows of one patient carry their patient's weight).
+        This is the histogram path of :meth:`blocks` with the weights supplied, so a
+        row-level computation can be checked against it on the very same replicates.
+        """
+        w = np.atleast_2d(np.asarray(row_weights, dtype=np.float32))
+        if w.shape[1] != self._entry.size:
+            raise ValueError(f"row_weights has {w.shape[1]} columns, but the bootstrap has "
+                             f"{self._entry.size} rows")
+        rows = sp.csr_matrix((np.ones(self._entry.size, np.float32),
+                              (self._entry, np.arange(self._entry.size))),
+                             shape=(self.n_entries, self._entry.size))
+        flat = np.ascontiguousarray((rows @ np.ascontiguousarray(w.T)).T)
+        return self._group(flat)
 
     def run(self, n_boot: int, rng: np.random.Generator,
             metrics: Callable[[np.ndarray], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -334,6 +334,7 @@ class AuditFrame:
             (full["calibration_slope"][:, 0], 1.0)))
         reps = engine.run(self.n_boot, rng, lambda h: hist_metrics(
             h, self.binning, init=init, steps=4))
+        self._boot_engine, self._boot_init = engine, init
         # Kept for the calibration-intercept test: full-data histograms and each fine
         # bin's mean logit (the exact rows' logits, not the bin's midpoint).
         self._hist_full = engine.full
@@ -343,8 +344,8 @@ class AuditFrame:
                                       minlength=self.binning.n_bins) / np.maximum(count, 1)
         exact = self._points
         # Shift each replicate by the binning error on the full data (see module docstring).
-        self._reps = {m: reps[m] + (exact[m].to_numpy() - full[m][:, 0])[:, None]
-                      for m in METRICS}
+        self._boot_shift = {m: exact[m].to_numpy() - full[m][:, 0] for m in METRICS}
+        self._reps = {m: reps[m] + self._boot_shift[m][:, None] for m in METRICS}
         self.n_multi_patients = engine.n_multi_patients
 
     def _compute_missingness(self, df: pd.DataFrame) -> None:
@@ -581,6 +582,22 @@ class AuditFrame:
                            index=self._points.index)
         out.loc[self.suppressed, :] = np.nan
         return out
+
+    def replicate_metrics(self, row_weights: np.ndarray) -> dict[str, np.ndarray]:
+        """Every group metric on given bootstrap replicates, by the audit's own path.
+
+        ``row_weights`` is ``(n_replicates, n_rows)``, in the order of the score
+        table's rows (rows of one patient should share a weight). The replicates go
+        through the same (finest cell x score bin x label) histograms, metric code
+        and binning shift as the audit's intervals; only the random weights are
+        supplied instead of drawn. Returns ``{metric: (n_groups, n_replicates)}``,
+        groups in the order of :attr:`groups`. For checking the histogram path
+        against a row-level computation on the same replicates.
+        """
+        hist = self._boot_engine.weighted(row_weights)
+        reps = hist_metrics(hist, self.binning, init=self._boot_init, steps=4)
+        return {m: np.asarray(reps[m], np.float64) + self._boot_shift[m][:, None]
+                for m in METRICS}
 
     def overall_ci(self) -> pd.DataFrame:
         """Point, lower, upper for every metric, all patients."""

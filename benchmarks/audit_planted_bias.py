@@ -14,12 +14,19 @@ in the generator (``pipelines/synth/patient.py``), so every race or ethnicity
 flag on a no-bias cohort is a false one. Age and sex do drive risk, so flags on
 them are real and not counted.
 
-The planted miscalibration is about 0.2 on the log-odds scale (3 probability
-points). Its test statistic grows with the square root of the number of Black
-patients; at 10,000 patients (about 2,000 Black) it is about 3.5 standard errors,
-near the Holm threshold for some 90 single-attribute comparisons, so the full run
-audits each seed at 10,000 (the size of the earlier run, same patients) and at
-20,000 patients, where the power is high.
+The planted miscalibration is about -0.25 on the log-odds scale (Black minus
+White calibration intercept; 2 to 3 probability points). Its test statistic
+grows with the square root of the number of Black patients: at 10,000 patients
+(about 2,000 Black) it averages about 3 standard errors and at 20,000 about 4.8
+(seed to seed SD about 1.2), against a Holm cut-off of about 3.5 (p < 0.04 / 80
+single-attribute comparisons). No valid multiplicity control over those
+comparisons reaches it reliably at 10,000 (a Holm family of the ~10
+calibration comparisons alone, at an equal share of alpha per disparity kind,
+moves the cut-off only to about 3.4), so the full run audits 40,000 patients per
+cohort (about 8,000 Black; 6.3 standard errors on average over the 10 seeds), with and without
+``--bias`` on the same seeds. Cohorts are simulated in full (``simulate_cohort``:
+the score needs the recorded lactate and respiratory-rate series, which are
+most of its cost; images and note text are never rendered).
 """
 
 from __future__ import annotations
@@ -205,19 +212,25 @@ def _summarise(results: list[dict[str, Any]], n: int, seeds: int) -> dict[str, A
     share = sum(r["any_flag_race_or_ethnicity"] for r in fair) / len(fair)
     found = {k: sum(r[k] for r in biased) for k in
              ("imaging_gap_black", "imaging_gap_hispanic", "miscalibration_black")}
-    return {"patients_per_cohort": n, "seeds": seeds, "bias_found": found,
+    met = all(v == seeds for v in found.values()) and share <= 0.10
+    return {"patients_per_cohort": n, "seeds": seeds, "bias_found": found, "goal_met": met,
             "no_bias_share_seeds_with_flag_on_race_or_ethnicity": share,
             "no_bias_false_flags": sum(len(r["flags_race_or_ethnicity"]) for r in fair),
             "text": (f"{n} patients x {seeds} seeds: bias found imaging gap "
                      f"{found['imaging_gap_black']}/{seeds} (Black), "
                      f"{found['imaging_gap_hispanic']}/{seeds} (Hispanic), "
                      f"miscalibration {found['miscalibration_black']}/{seeds}; "
-                     f"no bias: {share:.0%} of seeds with any race/ethnicity flag")}
+                     f"no bias: {share:.0%} of seeds with any race/ethnicity flag "
+                     f"(goal: all found, <= 10%: {'met' if met else 'not met'})")}
+
+
+#: Patients per cohort in the full run (see the module docstring for the power).
+FULL_SIZES = (40_000,)
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    """10 seeds with and without bias; quick: 2000 patients, full: 10,000 and 20,000."""
-    sizes = (2000,) if quick else (10_000, 20_000)
+    """10 seeds with and without bias; quick: 2000 patients, full: 40,000."""
+    sizes = (2000,) if quick else FULL_SIZES
     seeds = list(range(10))
     jobs = [(sizes, s, b) for b in (True, False) for s in seeds]
     started = time.perf_counter()

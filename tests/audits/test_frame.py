@@ -54,6 +54,34 @@ def test_intervals_agree_with_row_level_patient_bootstrap(audit: AuditFrame,
         assert ci["upper"] == pytest.approx(hi, abs=0.02)
 
 
+def test_histogram_path_matches_rows_on_the_same_replicates(audit: AuditFrame,
+                                                             scores: pd.DataFrame) -> None:
+    """Same per-patient weights through the histogram path and through sklearn on rows:
+    the difference is the computation only (no Monte Carlo noise)."""
+    rng = np.random.default_rng(7)
+    pid = pd.factorize(scores["patient_id"])[0]
+    w = rng.poisson(1.0, (40, pid.max() + 1)).astype(np.float32)[:, pid]
+    reps = audit.replicate_metrics(w)
+    gi = [g.key for g in audit.groups].index(("race", "Black"))
+    black = (scores["race"] == "Black").to_numpy()
+    s, y = scores["score"].to_numpy()[black], scores["label"].to_numpy()[black]
+    flag = s >= 0.25
+    for k in range(w.shape[0]):
+        wk = w[k, black].astype(float)
+        # Rates are exact up to float32 division: the threshold is a bin edge and the
+        # weights are integer counts.
+        assert reps["tpr"][gi, k] == pytest.approx(wk @ (flag * y) / (wk @ y), abs=1e-6)
+        assert reps["selection_rate"][gi, k] == pytest.approx(wk @ flag / wk.sum(), abs=1e-6)
+        assert reps["auroc"][gi, k] == pytest.approx(
+            roc_auc_score(y, s, sample_weight=wk), abs=5e-3)
+        assert reps["brier"][gi, k] == pytest.approx(
+            brier_score_loss(y, s, sample_weight=wk), abs=1e-3)
+    ones = audit.replicate_metrics(np.ones((1, len(scores)), np.float32))
+    assert ones["auroc"][gi, 0] == pytest.approx(audit.by_group["auroc"].iloc[gi], abs=1e-6)
+    with pytest.raises(ValueError, match="columns"):
+        audit.replicate_metrics(np.ones((1, 3)))
+
+
 def test_difference_and_ratio_methods(audit: AuditFrame) -> None:
     d = audit.difference("tpr")
     ref = audit.reference["race"].name

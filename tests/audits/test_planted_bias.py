@@ -21,10 +21,10 @@ def test_planted_bias_found() -> None:
     r = audit_cohort(2000, seed=0, bias=True, n_boot=300)
     assert r["imaging_gap_black"] and r["imaging_gap_hispanic"]
     # The lactate offset makes the score overstate risk for Black patients: a negative
-    # calibration-intercept gap. At 2000 patients (~400 Black) it is about 1.5 standard
-    # errors, too few to flag after multiplicity control; the full-size run (10,000 and
-    # 20,000 patients x 10 seeds) checks the flag, and the test below checks the
-    # calibration test's power on a table of this size.
+    # calibration-intercept gap. At 2000 patients (~400 Black) it is about 1.4 standard
+    # errors, too few to flag after multiplicity control; the full-size run (40,000
+    # patients x 10 seeds, 6.3 standard errors on average; benchmarks/README.md) checks
+    # the flag, and the test below checks the calibration test's power at this size.
     assert r["calibration_intercept_gap_black"][0] < 0
     assert r["calibration_in_the_large_gap_black"][0] > 0
 
