@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -245,7 +246,28 @@ def test_burden_image_network_is_tiny_and_measures_how_much_is_bright() -> None:
     assert emb2.shape == (2, 8)
 
 
-@pytest.mark.parametrize("network", ["burden", "compact"])
+def test_threshold_image_network_counts_voxels_above_its_thresholds() -> None:
+    net = build_network("threshold", spatial_dims=3, embedding_dim=16)
+    assert count_parameters(net) <= 1_000
+    emb, logit = net(torch.zeros(2, 1, 64, 64, 32))
+    assert emb.shape == (2, 16) and logit.shape == (2,)
+    emb2, _ = build_network("threshold", spatial_dims=2, embedding_dim=8)(torch.zeros(2, 1, 32, 32))
+    assert emb2.shape == (2, 8)
+    # Before any training, a map's log fraction grows with the bright volume, whatever
+    # its brightness above the threshold: twice the bright voxels adds log 2.
+    x = torch.full((3, 1, 16, 16, 8), 0.25)
+    x[0, :, :4, :4, :4] = 0.55
+    x[1, :, :8, :4, :4] = 0.55
+    x[2, :, :8, :4, :4] = 0.75
+    with torch.no_grad():
+        frac = torch.sigmoid(net.backbone.voxel(x)).flatten(2).mean(dim=2)
+    k = 3  # threshold (3 + 0.5) / 8 = 0.4375, between tissue (0.25) and lesion (0.55)
+    ratio = torch.log(frac[1, k] / frac[0, k])
+    assert abs(float(ratio) - math.log(2)) < 0.05
+    assert abs(float(frac[2, k] / frac[1, k]) - 1) < 0.05
+
+
+@pytest.mark.parametrize("network", ["threshold", "burden", "compact"])
 def test_image_encoder_learns_a_brightness_signal(network: str) -> None:
     gen = torch.Generator().manual_seed(0)
     n = 160

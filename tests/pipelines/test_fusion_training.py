@@ -51,6 +51,9 @@ def test_artifact_has_no_identifiers_and_records_provenance(synth: dict[str, Pat
     assert cfg["outcome"]["horizon_days"] == 30
     assert cfg["note_encoder"].startswith("tfidf")
     assert set(cfg["input_modalities"]) == {"image", "ehr", "note"}
+    # The CPU default image network, its auxiliary head refitted beside EHR and notes.
+    assert cfg["image"]["encoders"][0]["network_name"] == "threshold"
+    assert cfg["image"]["head_refit"] == "joint"
     fp = art.documents["training_data"]
     assert fp["n_rows"] == 200 and len(fp["manifest_sha256"]) == 64
     ids = pd.read_csv(synth["train"], dtype=str)["patient_id"]
