@@ -244,6 +244,10 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
     """
     started = time.perf_counter()
     cfg = _merge(DEFAULT_CONFIG, config)
+    if cfg["image"]["head_refit"] not in ("joint", "none"):
+        # Checked before stage 1, which takes minutes, rather than after it.
+        raise TrainingError(f"image.head_refit must be 'joint' or 'none', got "
+                            f"{cfg['image']['head_refit']!r}")
     seed = int(cfg["seed"])
     _seed_everything(seed)
     out_dir = Path(out_dir)
@@ -454,9 +458,6 @@ def _refit_image_head(stage1: _Stage1, cfg: dict[str, Any], X: dict[str, np.ndar
     head's logit per row) and the encoders' new state dicts. With several
     (cross-fitted) encoders the stage-1 heads are kept.
     """
-    if cfg["image"]["head_refit"] != "joint":
-        raise TrainingError(f"image.head_refit must be 'joint' or 'none', got "
-                            f"{cfg['image']['head_refit']!r}")
     if len(stage1.encoders) != 1 or int(cfg["fusion"]["hidden"]) > 0:
         log.info("image head refit: skipped (%d cross-fitted encoders, fusion hidden %s); "
                  "it needs one encoder and a linear fusion head", len(stage1.encoders),

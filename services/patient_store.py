@@ -59,6 +59,14 @@ def find_patients(session: Session, identifiers: Iterable[PatientIdentifier]) ->
     return found
 
 
+def _stored_identifiers(session: Session, wanted: set[tuple[str, str]]
+                        ) -> dict[tuple[str, str], PatientIdentifierRow]:
+    """The stored rows of the ``(system, value)`` pairs in ``wanted``, by pair."""
+    return {(r.system, r.value): r for r in session.scalars(
+        select(PatientIdentifierRow).where(
+            tuple_(PatientIdentifierRow.system, PatientIdentifierRow.value).in_(sorted(wanted))))}
+
+
 def link_identifiers(session: Session, patient_id: str,
                      identifiers: Iterable[PatientIdentifier], *, steal: bool = True) -> None:
     """Make every identifier in ``identifiers`` name ``patient_id``.
@@ -69,9 +77,7 @@ def link_identifiers(session: Session, patient_id: str,
     wanted = {(i.system, i.value) for i in identifiers}
     if not wanted:
         return
-    existing = {(r.system, r.value): r for r in session.scalars(
-        select(PatientIdentifierRow).where(
-            tuple_(PatientIdentifierRow.system, PatientIdentifierRow.value).in_(sorted(wanted))))}
+    existing = _stored_identifiers(session, wanted)
     for system, value in sorted(wanted):
         row = existing.get((system, value))
         if row is None:
@@ -84,12 +90,7 @@ def link_identifiers(session: Session, patient_id: str,
 def identifiers_known(session: Session, identifiers: Iterable[PatientIdentifier]) -> bool:
     """Whether every one of ``identifiers`` is already stored (naming any patient)."""
     wanted = {(i.system, i.value) for i in identifiers}
-    if not wanted:
-        return True
-    found = set(session.execute(select(PatientIdentifierRow.system, PatientIdentifierRow.value)
-                                .where(tuple_(PatientIdentifierRow.system,
-                                              PatientIdentifierRow.value).in_(sorted(wanted)))))
-    return {(s, v) for s, v in found} == wanted
+    return not wanted or set(_stored_identifiers(session, wanted)) == wanted
 
 
 def identifiers_of(session: Session, patient_id: str) -> list[PatientIdentifier]:

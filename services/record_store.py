@@ -646,7 +646,12 @@ class _Unit:
         resource = self.normalise(n)
         digest, status = _sha256(resource), _status_of(resource)
         row = rows.get((rt, identity))
-        if self.dry and row is None:
+        if row is not None and row.content_sha256 == digest and row.patient_id == patient_id \
+                and row.status in (status, APPLIED):
+            self.result.entries.append(EntryResult(item.expr, rt, "unchanged",
+                                                   self.server_id[n], patient_id))
+            return
+        if self.dry:
             raise _WouldChange
         if row is None and rt == "Encounter" and self.source == "hl7v2" and patient_id:
             target = self.cancellation_target(patient_id)
@@ -660,13 +665,6 @@ class _Unit:
                     resource=resource, source=self.source, updated_at=_now())
                 self.session.add(notice)
                 return
-        if row is not None and row.content_sha256 == digest and row.patient_id == patient_id \
-                and row.status in (status, APPLIED):
-            self.result.entries.append(EntryResult(item.expr, rt, "unchanged",
-                                                   self.server_id[n], patient_id))
-            return
-        if self.dry:
-            raise _WouldChange
         outcome: Outcome = "updated"
         if row is None:
             row = FhirResourceRow(id=self.server_id[n] if rt != "Patient" else _new_id(),
@@ -940,7 +938,8 @@ def ingest(session: Session, items: Sequence[Incoming], *, source: Source,
                                     "a resourceType)", item.expr or f"resource {n}"))
     # A resend of stored data (every CDS hook's prefetch, a replayed HL7 feed) is found
     # unchanged by reads alone, without taking the database's write lock.
-    with suppress(_WouldChange, IngestError):  # the writing pass raises the same errors
+    # Its located errors are those the writing pass would raise: it read the same state.
+    with suppress(_WouldChange):
         return _Unit(session, items, source, event, dry=True).run()
     with atomic(session):
         result = _Unit(session, items, source, event).run()

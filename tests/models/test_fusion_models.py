@@ -237,22 +237,18 @@ def test_compact_image_network_is_small() -> None:
         build_network("compact", spatial_dims=3, pretrained_path="/nonexistent/weights.pt")
 
 
-def test_burden_image_network_is_tiny_and_measures_how_much_is_bright() -> None:
-    net = build_network("burden", spatial_dims=3, embedding_dim=16)
+@pytest.mark.parametrize("network", ["burden", "threshold"])
+def test_tiny_image_networks_embed_2d_and_3d(network: str) -> None:
+    net = build_network(network, spatial_dims=3, embedding_dim=16)
     assert count_parameters(net) <= 1_000
     emb, logit = net(torch.zeros(2, 1, 64, 64, 32))
     assert emb.shape == (2, 16) and logit.shape == (2,)
-    emb2, _ = build_network("burden", spatial_dims=2, embedding_dim=8)(torch.zeros(2, 1, 32, 32))
+    emb2, _ = build_network(network, spatial_dims=2, embedding_dim=8)(torch.zeros(2, 1, 32, 32))
     assert emb2.shape == (2, 8)
 
 
 def test_threshold_image_network_counts_voxels_above_its_thresholds() -> None:
     net = build_network("threshold", spatial_dims=3, embedding_dim=16)
-    assert count_parameters(net) <= 1_000
-    emb, logit = net(torch.zeros(2, 1, 64, 64, 32))
-    assert emb.shape == (2, 16) and logit.shape == (2,)
-    emb2, _ = build_network("threshold", spatial_dims=2, embedding_dim=8)(torch.zeros(2, 1, 32, 32))
-    assert emb2.shape == (2, 8)
     # Before any training, a map's log fraction grows with the bright volume, whatever
     # its brightness above the threshold: twice the bright voxels adds log 2.
     x = torch.full((3, 1, 16, 16, 8), 0.25)
