@@ -675,7 +675,11 @@ class PredictionService:
                     PredictionRow.input_digest == digest,
                     PredictionRow.created_at >= datetime.now(UTC) - timedelta(
                         seconds=reuse_within_s))
-                .order_by(PredictionRow.created_at.desc()).limit(1)).first()
+                # A row that already carries a card first: the background job the
+                # hook's own ingest queued may have stored the same prediction since,
+                # and the reopened chart should get the card it had.
+                .order_by(PredictionRow.cds_card_uuid.is_(None),
+                          PredictionRow.created_at.desc()).limit(1)).first()
             if fresh is not None:
                 if fresh.cds_card_uuid is None and card_uuid is not None:
                     fresh.cds_card_uuid = card_uuid
