@@ -48,13 +48,22 @@ from typing import Any, Literal
 import numpy as np
 
 from models.points import format_points
+from models.scales import from_scale
 
 __all__ = ["EhrShap", "FeatureAttribution", "describe_features", "ehr_shap",
            "group_by_column"]
 
 _STAT_RE = re.compile(r"^(?P<feat>.+)_(?P<stat>last|min|max|mean|trend)_(?P<win>[0-9.]+)h$")
 _STAT_TEXT = {"last": "last", "min": "lowest", "max": "highest", "mean": "mean",
-              "trend": "trend"}
+              "trend": "trend per day"}
+_COURSE_RE = re.compile(r"^(?P<feat>.+)_course_(?P<stat>mean|trend|count)_(?P<win>[0-9.]+)h$")
+#: Course statistics are on the feature's scale; they are shown back in its unit.
+_COURSE_TEXT = {("mean", "linear"): "mean", ("mean", "log"): "geometric mean",
+                ("mean", "log_deficit"): "mean on the deficit scale",
+                ("trend", "linear"): "trend per day", ("trend", "log"): "change per day",
+                ("trend", "log_deficit"): "change of the deficit per day",
+                ("count", "linear"): "measurements", ("count", "log"): "measurements",
+                ("count", "log_deficit"): "measurements"}
 
 
 @dataclass(frozen=True)
@@ -248,6 +257,13 @@ def group_by_column(values: np.ndarray, n_raw: int, indicator: Sequence[int] | n
 def _lookup(column: str, spec: Mapping[str, Mapping[str, Any]]
             ) -> tuple[str, str, Mapping[str, Any] | None, str | None]:
     """(feature name, display, spec feature or None, statistic or None) for a column."""
+    match = _COURSE_RE.match(column)
+    if match and match["feat"] in spec:
+        feat = spec[match["feat"]]
+        scale = str(feat.get("scale", "linear"))
+        text = _COURSE_TEXT[(match["stat"], scale)]
+        return (match["feat"], f"{feat['display']} ({text}, {float(match['win']):g} h)", feat,
+                f"course_{match['stat']}")
     match = _STAT_RE.match(column)
     if match and match["feat"] in spec:
         feat = spec[match["feat"]]
@@ -285,10 +301,18 @@ def describe_features(columns: Sequence[str], raw: np.ndarray, logit_values: np.
         raw_value = None if math.isnan(value) else value
         unit = lo = hi = None
         flag = None
-        if feat is not None and stat in ("last", "min", "max", "mean"):
+        scale = str(feat.get("scale", "linear")) if feat is not None else "linear"
+        if feat is not None and stat == "course_mean" and raw_value is not None:
+            raw_value = float(from_scale(raw_value, scale))
+        if feat is not None and stat in ("last", "min", "max", "mean", "course_mean"):
             unit, lo, hi = feat.get("unit"), feat.get("reference_low"), feat.get("reference_high")
-        elif feat is not None and stat == "trend":
-            unit = f"{feat.get('unit')}/h"
+        elif feat is not None and stat == "course_trend" and scale != "linear":
+            # A slope of the logarithm: shown as the relative change per day.
+            unit = "%/d"
+            if raw_value is not None:
+                raw_value = 100.0 * math.expm1(raw_value)
+        elif feat is not None and stat in ("trend", "course_trend"):
+            unit = f"{feat.get('unit')}/d"
         elif stat == "_hours_since_last":
             unit = "h"
         elif column == "age_years":
@@ -315,4 +339,6 @@ def _ucum_text(unit: str | None) -> str:
     """UCUM codes as clinicians write them (``mm[Hg]`` -> ``mmHg``, ``Cel`` -> ``°C``)."""
     if unit is None:
         return ""
+    if unit.endswith("/d"):
+        return f"{_ucum_text(unit[:-2])}/day"
     return {"mm[Hg]": "mmHg", "Cel": "°C", "10*3/uL": "×10³/µL", "/min": "/min"}.get(unit, unit)

@@ -1,13 +1,20 @@
 """EHR feature builder: PatientRecords viewed as of their index time -> feature table.
 
+Observations are converted to the spec unit; the same (time, value) reported more
+than once counts once.
+
 Definitions, for each feature and look-back window ``W`` (hours), over the
 observations with ``index - W < effective <= index``, converted to the spec unit:
 
 - ``last``, ``min``, ``max``, ``mean`` of the values;
 - ``trend``: least-squares slope of value against time in days (NaN under two
   distinct times);
+- course statistics over ``index - C < effective <= index`` (``C`` = ``course_hours``),
+  on the feature's scale (``models.scales.to_scale``): ``mean``, ``trend``
+  (slope per day as above) and ``count`` (0 when there is none);
 - ``hours_since_last``: hours from the latest observation at or before the index;
-- ``missing``: 1.0 when the longest window holds no observation, else 0.0;
+- ``missing``: 1.0 when the spec's longest look-back (window or course) holds no
+  observation, else 0.0 (these two only when ``spec.recency``);
 - ``age_years``: days from birth to the index date / 365.25.
 """
 
@@ -25,7 +32,8 @@ from sklearn.utils.validation import check_is_fitted
 from fhir_adapters.errors import Issue, UnitError
 from fhir_adapters.record import PatientRecord
 from fhir_adapters.units import convert
-from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
+from models.scales import to_scale
+from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec, LabFeature
 
 __all__ = ["EHRFeatureBuilder", "record_features"]
 
@@ -50,9 +58,17 @@ def _series(record: PatientRecord, spec: FeatureSpec
         value = convert(value, obs.unit, feat.unit, molar_mass=feat.molar_mass,
                         valence=feat.valence, where=obs.source)
         out[feat.name].append((obs.effective, value))
-    for values in out.values():
-        values.sort(key=lambda tv: (tv[0], tv[1]))
-    return out
+    # One measurement reported twice (over HL7 v2 and as a FHIR Observation, or resent)
+    # is one measurement: it must not double a count or weigh twice in a mean.
+    return {name: _distinct(values) for name, values in out.items()}
+
+
+def _distinct(points: list[tuple[datetime, float]]) -> list[tuple[datetime, float]]:
+    """Sorted by time, each (time, value) once (values equal to 1e-9 after conversion)."""
+    first: dict[tuple[datetime, float], tuple[datetime, float]] = {}
+    for t, v in sorted(points):
+        first.setdefault((t, round(v, 9)), (t, v))
+    return list(first.values())
 
 
 def _window_stats(points: list[tuple[datetime, float]], index: datetime,
@@ -70,6 +86,19 @@ def _window_stats(points: list[tuple[datetime, float]], index: datetime,
         "mean": float(values.mean()),
         "trend": _slope(days, values),
     }
+    return [stats[s] for s in statistics]
+
+
+def _course_stats(points: list[tuple[datetime, float]], index: datetime, feat: LabFeature,
+                  course_hours: float, statistics: Sequence[str]) -> list[float]:
+    inside = [(t, v) for t, v in points
+              if 0.0 <= (index - t).total_seconds() / 3600.0 < course_hours]
+    if not inside:
+        return [0.0 if s == "count" else math.nan for s in statistics]
+    values = to_scale([v for _, v in inside], feat.scale)
+    days = np.array([(t - index).total_seconds() / 86400.0 for t, _ in inside])
+    stats = {"mean": float(values.mean()), "trend": _slope(days, values),
+             "count": float(len(inside))}
     return [stats[s] for s in statistics]
 
 
@@ -93,13 +122,17 @@ def record_features(record: PatientRecord, spec: FeatureSpec = DEFAULT_SPEC) -> 
         age = record.demographics.age_at(index)
         row.append(math.nan if age is None else age)
     series = _series(record, spec)
-    longest = max(spec.windows_hours)
+    longest = spec.lookback_hours
     for feat in spec.features:
         points = series[feat.name]
         for window in spec.windows_hours:
             row.extend(_window_stats(points, index, window, spec.statistics))
-        row.append(_hours_since_last(points, index))
-        row.append(_missing(points, index, longest))
+        if spec.course_hours is not None:
+            row.extend(_course_stats(points, index, feat, spec.course_hours,
+                                     spec.course_statistics))
+        if spec.recency:
+            row.append(_hours_since_last(points, index))
+            row.append(_missing(points, index, longest))
     return row
 
 

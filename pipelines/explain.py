@@ -46,7 +46,7 @@ from models.explain_tabular import describe_features, ehr_shap, group_by_column
 from models.points import format_points, sigmoid, to_points
 from models.privacy import summarise_background
 from models.shapley import modality_shapley
-from pipelines.feature_spec import DEFAULT_SPEC
+from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 from pipelines.manifest import CohortManifest, read_manifest
 from pipelines.note_attribution import attribute_sentences
 from pipelines.saliency_overlay import cached_saliency
@@ -376,9 +376,9 @@ def build_fhir(explanation: dict[str, Any], manifest: CohortManifest, row: int,
                for c in (coding.values() if isinstance(coding, dict) else coding)
                if isinstance(c, dict) and c.get("code")]
     pid = explanation["patient_id"]
-    windows = (cfg.get("feature_source") or {}).get("spec", {}).get("windows_hours") or [72.0]
-    patient_ref, basis = _bundle_basis(manifest, pid, explanation["index_time"],
-                                       float(max(windows)))
+    spec = (cfg.get("feature_source") or {}).get("spec")
+    lookback = FeatureSpec.from_dict(spec).lookback_hours if spec else 72.0
+    patient_ref, basis = _bundle_basis(manifest, pid, explanation["index_time"], lookback)
     present = {d["modality"] for d in explanation["modalities"]}
     # Only what the prediction used: a modality the model ignored is not its basis.
     used = {"Observation": "ehr", "DocumentReference": "note", "ImagingStudy": "image"}

@@ -549,7 +549,7 @@ class PredictionService:
         basis: list[BasisReference] = []
         used = set(self.model.modalities) & present
         if "ehr" in used:
-            start = index_time - timedelta(hours=max(self.spec.windows_hours))
+            start = index_time - timedelta(hours=self.spec.lookback_hours)
             codes = self.spec.by_loinc()
             refs = sorted({(o.effective, _resource_ref(o.source)) for o in view.observations
                            if o.code in codes and o.effective and o.effective > start

@@ -9,6 +9,8 @@ largest |value| (measured ~0.01).
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import shap
@@ -105,3 +107,23 @@ def test_clinical_display_uses_raw_values_units_and_reference_range() -> None:
     assert out["sbp_min_72h"].flag == "low" and "mmHg" in out["sbp_min_72h"].text
     assert out["wbc_last_24h"].raw_value is None and "not recorded" in out["wbc_last_24h"].text
     assert out["age_years"].text == "Age 71 years: -1 points"
+
+
+def test_course_columns_are_shown_back_in_the_clinical_unit() -> None:
+    spec = DEFAULT_SPEC.to_dict()["features"]
+    cols = ["lactate_course_mean_120h", "lactate_course_trend_120h", "lactate_course_count_120h",
+            "heart_rate_course_trend_120h", "spo2_course_mean_120h"]
+    # ln 3 mmol/L; ln-lactate rising by ln 1.5 a day; 4 draws; +12/min a day; ln(100 - 92)
+    raw = np.array([math.log(3.0), math.log(1.5), 4.0, 12.0, math.log(8.0)])
+    out = {a.column: a for a in describe_features(cols, raw, np.zeros(5), np.zeros(5), spec)}
+    mean = out["lactate_course_mean_120h"]
+    assert mean.raw_value == pytest.approx(3.0) and mean.flag == "high"
+    assert mean.text.startswith("Lactate (geometric mean, 120 h) 3 mmol/L (high, ref 0.5–2.2)")
+    trend = out["lactate_course_trend_120h"]
+    assert trend.raw_value == pytest.approx(50.0) and trend.unit == "%/d"
+    assert "change per day" in trend.text
+    assert out["lactate_course_count_120h"].text.startswith("Lactate (measurements, 120 h) 4:")
+    assert out["heart_rate_course_trend_120h"].text.startswith(
+        "Heart rate (trend per day, 120 h) 12 /min/day")
+    spo2 = out["spo2_course_mean_120h"]
+    assert spo2.raw_value == pytest.approx(92.0) and spo2.flag == "low"

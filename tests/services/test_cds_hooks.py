@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 import uuid
 from collections.abc import Iterator
@@ -325,15 +326,18 @@ def test_hook_fetches_synthea_patient_from_the_fhir_server(
         record = record_from_json(patient.record)
     manifest = service.build_manifest(record, CARLOTA_NOW, None, row_id="x", patient_id="y")
     row = manifest.frame.iloc[0]
-    # Carlota's 2019-07-01 visit, as Synthea recorded it.
-    assert row["sbp_last_24h"] == pytest.approx(135.26853095834338, abs=1e-12)
-    assert row["creatinine_last_72h"] == pytest.approx(0.9788522990019917, abs=1e-12)
-    assert row["sodium_last_24h"] == pytest.approx(143.2189634869484, abs=1e-12)
-    assert row["glucose_last_24h"] == pytest.approx(91.89908418483871, abs=1e-12)
-    assert row["sbp_hours_since_last"] == pytest.approx(6 + 20 / 60 + 38 / 3600, abs=1e-9)
+    # Carlota's 2019-07-01 visit, as Synthea recorded it: one panel at 05:39:22, the only
+    # values in the 120 h course; glucose and creatinine are averaged on the log scale.
+    assert row["sbp_course_mean_120h"] == pytest.approx(135.26853095834338, abs=1e-12)
+    assert row["sbp_course_count_120h"] == 1 and pd.isna(row["sbp_course_trend_120h"])
+    assert row["creatinine_course_mean_120h"] == pytest.approx(math.log(0.9788522990019917),
+                                                               abs=1e-12)
+    assert row["sodium_course_mean_120h"] == pytest.approx(143.2189634869484, abs=1e-12)
+    assert row["glucose_course_mean_120h"] == pytest.approx(math.log(91.89908418483871),
+                                                            abs=1e-12)
     assert row["age_years"] == pytest.approx((CARLOTA_NOW.date().toordinal()
                                               - datetime(1981, 7, 27).toordinal()) / 365.25)
-    assert row["heart_rate_missing"] == 1.0 and pd.isna(row["lactate_last_72h"])
+    assert row["heart_rate_course_count_120h"] == 0 and pd.isna(row["lactate_course_mean_120h"])
 
     # `clinfuse score` on a manifest built independently from the Synthea file itself.
     path = next(shared_data_dir("fhir/synthea_r4_bundles").glob(f"*_{CARLOTA_MRN}.json"))
