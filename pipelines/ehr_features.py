@@ -33,7 +33,7 @@ from fhir_adapters.errors import Issue, UnitError
 from fhir_adapters.record import PatientRecord
 from fhir_adapters.units import convert
 from models.scales import to_scale
-from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec, LabFeature
+from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 
 __all__ = ["EHRFeatureBuilder", "record_features"]
 
@@ -72,12 +72,14 @@ def _distinct(points: list[tuple[datetime, float]]) -> list[tuple[datetime, floa
 
 
 def _window_stats(points: list[tuple[datetime, float]], index: datetime,
-                  window_hours: float, statistics: Sequence[str]) -> list[float]:
+                  window_hours: float, statistics: Sequence[str], scale: str = "linear"
+                  ) -> list[float]:
+    """Statistics of the values (on ``scale``) within ``window_hours`` before the index."""
     inside = [(t, v) for t, v in points
               if 0.0 <= (index - t).total_seconds() / 3600.0 < window_hours]
     if not inside:
-        return [math.nan] * len(statistics)
-    values = np.array([v for _, v in inside])
+        return [0.0 if s == "count" else math.nan for s in statistics]
+    values = to_scale([v for _, v in inside], scale)
     days = np.array([(t - index).total_seconds() / 86400.0 for t, _ in inside])
     stats = {
         "last": float(values[-1]),
@@ -85,20 +87,8 @@ def _window_stats(points: list[tuple[datetime, float]], index: datetime,
         "max": float(values.max()),
         "mean": float(values.mean()),
         "trend": _slope(days, values),
+        "count": float(len(inside)),
     }
-    return [stats[s] for s in statistics]
-
-
-def _course_stats(points: list[tuple[datetime, float]], index: datetime, feat: LabFeature,
-                  course_hours: float, statistics: Sequence[str]) -> list[float]:
-    inside = [(t, v) for t, v in points
-              if 0.0 <= (index - t).total_seconds() / 3600.0 < course_hours]
-    if not inside:
-        return [0.0 if s == "count" else math.nan for s in statistics]
-    values = to_scale([v for _, v in inside], feat.scale)
-    days = np.array([(t - index).total_seconds() / 86400.0 for t, _ in inside])
-    stats = {"mean": float(values.mean()), "trend": _slope(days, values),
-             "count": float(len(inside))}
     return [stats[s] for s in statistics]
 
 
@@ -128,8 +118,8 @@ def record_features(record: PatientRecord, spec: FeatureSpec = DEFAULT_SPEC) -> 
         for window in spec.windows_hours:
             row.extend(_window_stats(points, index, window, spec.statistics))
         if spec.course_hours is not None:
-            row.extend(_course_stats(points, index, feat, spec.course_hours,
-                                     spec.course_statistics))
+            row.extend(_window_stats(points, index, spec.course_hours,
+                                     spec.course_statistics, feat.scale))
         if spec.recency:
             row.append(_hours_since_last(points, index))
             row.append(_missing(points, index, longest))
