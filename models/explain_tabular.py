@@ -58,12 +58,11 @@ _STAT_TEXT = {"last": "last", "min": "lowest", "max": "highest", "mean": "mean",
               "trend": "trend per day"}
 _COURSE_RE = re.compile(r"^(?P<feat>.+)_course_(?P<stat>mean|trend|count)_(?P<win>[0-9.]+)h$")
 #: Course statistics are on the feature's scale; they are shown back in its unit.
-_COURSE_TEXT = {("mean", "linear"): "mean", ("mean", "log"): "geometric mean",
-                ("mean", "log_deficit"): "mean on the deficit scale",
-                ("trend", "linear"): "trend per day", ("trend", "log"): "change per day",
-                ("trend", "log_deficit"): "change of the deficit per day",
-                ("count", "linear"): "measurements", ("count", "log"): "measurements",
-                ("count", "log_deficit"): "measurements"}
+_COURSE_TEXT = {"mean": {"linear": "mean", "log": "geometric mean",
+                         "log_deficit": "mean on the deficit scale"},
+                "trend": {"linear": "trend per day", "log": "change per day",
+                          "log_deficit": "change of the deficit per day"},
+                "count": {}}
 
 
 @dataclass(frozen=True)
@@ -261,7 +260,7 @@ def _lookup(column: str, spec: Mapping[str, Mapping[str, Any]]
     if match and match["feat"] in spec:
         feat = spec[match["feat"]]
         scale = str(feat.get("scale", "linear"))
-        text = _COURSE_TEXT[(match["stat"], scale)]
+        text = _COURSE_TEXT[match["stat"]].get(scale, "measurements")
         return (match["feat"], f"{feat['display']} ({text}, {float(match['win']):g} h)", feat,
                 f"course_{match['stat']}")
     match = _STAT_RE.match(column)

@@ -204,10 +204,10 @@ def test_quality_targets_reproduced_at_a_smaller_size(tmp_path: Path) -> None:
     ECE per pattern (patterns >= 500 / 200)   <= 0.05          <= 0.08
     ========================================  ==============  =================
 
-    Measured (2026-11-26): Bayes 0.855, fused 0.783, best single (ehr) 0.708, image
-    withheld - tab+notes +0.001, ECE 0.035, per pattern 0.038 (all three, n=1048) and
-    0.064 (ehr+note, n=269). At this size the fusion head learns from 640 patients, so
-    the gap to Bayes is wider than at full size (0.03).
+    Measured (2026-11-26, feature spec v2): Bayes 0.855, fused 0.800, best single (ehr)
+    0.718, image withheld - tab+notes -0.000, ECE 0.033, per pattern 0.035 (all three,
+    n=1048) and 0.048 (ehr+note, n=269). At this size the fusion head learns from 640
+    patients, so the gap to Bayes is wider than at full size (0.022).
     """
     generate_cohort(800, tmp_path / "train", seed=61, n_slices=8, size=32, workers=1)
     generate_cohort(1500, tmp_path / "test", seed=62, n_slices=8, size=32, workers=1)
