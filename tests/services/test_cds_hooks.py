@@ -178,7 +178,10 @@ def test_hook_with_prefetch_then_feedback(client: TestClient, synth: SynthModel,
     assert saved.probability is not None and abs(saved.probability - expected_p) < TOL
     assert saved.source == "cds-hooks" and saved.modalities == "image+ehr+note"
     assert saved.requested_by == "test-integration"
-    assert f"{100 * expected_p:.0f}%" in card["summary"] and len(card["summary"]) < 140
+    # A risk that rounds to 0 % (or 100 %) is shown as "<1%" (">99%"), never as certainty.
+    shown = ("<1%" if expected_p < 0.005 else ">99%" if expected_p > 0.995
+             else f"{100 * expected_p:.0f}%")
+    assert f"risk {shown}" in card["summary"] and len(card["summary"]) < 140
     thresholds = sorted([0.1, 0.3])
     assert card["indicator"] == ("critical" if expected_p >= thresholds[1] else
                                  "warning" if expected_p >= thresholds[0] else "info")
