@@ -95,7 +95,7 @@ class FeatureSpec:
     @property
     def lookback_hours(self) -> float:
         """How far before the index time any column looks."""
-        return max([*self.windows_hours, *([self.course_hours] if self.course_hours else [])])
+        return max((*self.windows_hours, self.course_hours or 0.0))
 
     def by_loinc(self) -> dict[str, LabFeature]:
         return {code: f for f in self.features for code in f.loinc}

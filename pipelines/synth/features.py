@@ -35,7 +35,7 @@ def feature_row(patient: PatientSim, spec: FeatureSpec) -> list[float]:
     for obs in patient.observations:
         if obs.offset_s <= 0 and obs.feature in by_feature:
             by_feature[obs.feature].append((obs.offset_s, obs.spec_value))
-    longest = max([*spec.windows_hours, spec.course_hours or 0.0])
+    longest = spec.lookback_hours
     for feat in spec.features:
         points = sorted(set(by_feature[feat.name]))
         seconds = np.array([s for s, _ in points], dtype=float)
@@ -45,8 +45,8 @@ def feature_row(patient: PatientSim, spec: FeatureSpec) -> list[float]:
             row.extend(_stats(seconds[inside], values[inside], spec.statistics))
         if spec.course_hours is not None:
             inside = -seconds / 3600.0 < spec.course_hours
-            row.extend(_course(seconds[inside], _scaled(values[inside], feat.scale),
-                               spec.course_statistics))
+            row.extend(_stats(seconds[inside], _scaled(values[inside], feat.scale),
+                              spec.course_statistics))
         if spec.recency:
             row.append(-seconds[-1] / 3600.0 if len(points) else math.nan)
             row.append(0.0 if (-seconds / 3600.0 < longest).any() else 1.0)
@@ -55,7 +55,7 @@ def feature_row(patient: PatientSim, spec: FeatureSpec) -> list[float]:
 
 def _stats(seconds: np.ndarray, values: np.ndarray, statistics: tuple[str, ...]) -> list[float]:
     if values.size == 0:
-        return [math.nan] * len(statistics)
+        return [0.0 if s == "count" else math.nan for s in statistics]
     days = seconds / 86400.0
     if np.unique(days).size < 2:
         slope = math.nan
@@ -63,21 +63,15 @@ def _stats(seconds: np.ndarray, values: np.ndarray, statistics: tuple[str, ...])
         dx = days - days.mean()
         slope = float((dx * (values - values.mean())).sum() / (dx * dx).sum())
     stats = {"last": float(values[-1]), "min": float(values.min()), "max": float(values.max()),
-             "mean": float(values.mean()), "trend": slope}
+             "mean": float(values.mean()), "trend": slope, "count": float(values.size)}
     return [stats[s] for s in statistics]
 
 
 def _scaled(values: np.ndarray, scale: str) -> np.ndarray:
+    """Written apart from ``models.scales.to_scale`` so the manifest test checks both."""
     if scale == "log":
         return np.log(values.clip(min=LOG_FLOOR))
     if scale == "log_deficit":
         return np.log((100.0 - values).clip(min=DEFICIT_FLOOR))
     return values
 
-
-def _course(seconds: np.ndarray, values: np.ndarray, statistics: tuple[str, ...]) -> list[float]:
-    if values.size == 0:
-        return [0.0 if s == "count" else math.nan for s in statistics]
-    mean, trend = _stats(seconds, values, ("mean", "trend"))
-    stats = {"mean": mean, "trend": trend, "count": float(values.size)}
-    return [stats[s] for s in statistics]
