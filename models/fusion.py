@@ -165,6 +165,12 @@ default="platt-pattern"
         is convex, so there is no epoch noise and no early stopping. "adam" is
         minibatch AdamW with sampled modality dropout and early stopping (needed
         when ``hidden > 0``). "auto": "lbfgs" when ``hidden == 0``, else "adam".
+    rank : dict of str -> list of (column indices, k), optional
+        Reduced-rank blocks per branch ("lbfgs" only): the weights of each block's
+        columns lie in the block's top ``k`` principal directions on the training rows
+        that have the modality (principal-component regression); columns in no block
+        keep a free weight each. The fitted weight is folded back onto the columns, so
+        the branch stays a plain linear term over its inputs.
 
     Attributes
     ----------
@@ -192,7 +198,9 @@ default="platt-pattern"
                  l2_dim_power: float = 0.5, max_epochs: int = 300,
                  min_epochs: int = 20, patience: int = 25, batch_size: int = 256,
                  seed: int = 0, device: str = "auto", calibration: str = "platt-pattern",
-                 solver: str = "auto") -> None:
+                 solver: str = "auto",
+                 rank: Mapping[str, Sequence[tuple[Sequence[int], int]]] | None = None
+                 ) -> None:
         self.modalities = modalities
         self.hidden = hidden
         self.dropout = dropout
@@ -209,6 +217,7 @@ default="platt-pattern"
         self.device = device
         self.calibration = calibration
         self.solver = solver
+        self.rank = rank
 
 
     # -- fitting -----------------------------------------------------------------------
@@ -247,7 +256,11 @@ default="platt-pattern"
         if self.solver == "lbfgs" and self.hidden > 0:
             raise ValueError("solver='lbfgs' fits linear branches only; use hidden=0 or "
                              "solver='adam'")
-        if self.solver == "lbfgs" or (self.solver == "auto" and self.hidden == 0):
+        lbfgs = self.solver == "lbfgs" or (self.solver == "auto" and self.hidden == 0)
+        if self.rank and not lbfgs:
+            raise ValueError("rank restricts linear branches fitted exactly; it needs "
+                             "solver 'lbfgs' (or 'auto' with hidden=0)")
+        if lbfgs:
             net, history, best, l2_shared, by_mod = self._fit_lbfgs(
                 l2_grid, xs, ms, xv, mv, y_arr, np.asarray(y_val, np.float32))
             best_epoch = 0
@@ -331,14 +344,23 @@ default="platt-pattern"
         n = float(len(y_arr))
         history: list[dict[str, float]] = []
         cache: dict[tuple[float, ...], tuple[float, dict[str, torch.Tensor]]] = {}
+        standardised = {m: (xs64[m] - cast(Branch, base.branches[m]).shift)
+                        / cast(Branch, base.branches[m]).scale for m in mods}
+        bases = self._rank_bases(standardised, ms)
 
         def fit(l2s: tuple[float, ...]) -> tuple[float, dict[str, torch.Tensor]]:
             if l2s in cache:
                 return cache[l2s]
             net = copy.deepcopy(base)
             branch = {m: cast(Branch, net.branches[m]) for m in mods}
-            params = [net.bias, *(branch[m].linear.weight for m in mods),
-                      *(branch[m].linear.bias for m in mods)]
+            # A reduced-rank branch learns coefficients on its principal directions;
+            # its weight is basis @ coefficients, folded into the linear layer below.
+            coef = {m: torch.zeros(p.shape[1], dtype=torch.float64, requires_grad=True)
+                    for m, p in bases.items()}
+            weights = {m: (lambda m=m: bases[m] @ coef[m]) if m in bases else
+                       (lambda m=m: branch[m].linear.weight[0]) for m in mods}
+            params = [net.bias, *(branch[m].linear.weight for m in mods if m not in bases),
+                      *coef.values(), *(branch[m].linear.bias for m in mods)]
             penalty = [lam * float(self.dims_[m]) ** self.l2_dim_power
                        for lam, m in zip(l2s, mods, strict=True)]
             opt = torch.optim.LBFGS(params, lr=1.0, max_iter=300, tolerance_grad=1e-7,
@@ -347,17 +369,22 @@ default="platt-pattern"
 
             def closure() -> torch.Tensor:
                 opt.zero_grad()
-                contrib = torch.stack([net.branches[m](xs64[m]) for m in mods], dim=1)
+                contrib = torch.stack([
+                    standardised[m] @ weights[m]() + branch[m].linear.bias
+                    for m in mods], dim=1)
                 logit = net.bias + (contrib[rows] * sub_mask).sum(dim=1)
                 nll = nn.functional.binary_cross_entropy_with_logits(
                     logit, yt, weight=weight, reduction="sum") / n
-                reg = sum(c * (branch[m].linear.weight ** 2).sum()
+                reg = sum(c * (weights[m]() ** 2).sum()
                           for c, m in zip(penalty, mods, strict=True))
                 loss = nll + reg
                 loss.backward()  # type: ignore[no-untyped-call]
                 return loss
 
             opt.step(closure)  # type: ignore[no-untyped-call]
+            with torch.no_grad():
+                for m in bases:
+                    branch[m].linear.weight.copy_(weights[m]()[None, :])
             with torch.no_grad():
                 val_logit, _ = net(xv64, mv64)
                 val = float(nn.functional.binary_cross_entropy_with_logits(val_logit, yv))
@@ -380,6 +407,44 @@ default="platt-pattern"
         log.info("fusion (lbfgs): l2 shared %g, per branch %s; validation log-loss %.4f "
                  "(%d fits)", shared, by_mod, best, len(cache))
         return net, history, best, shared, by_mod
+
+    def _rank_bases(self, standardised: dict[str, torch.Tensor], ms: torch.Tensor
+                    ) -> dict[str, torch.Tensor]:
+        """Orthonormal weight basis ``(d, r)`` of each branch with reduced-rank blocks.
+
+        Each block's columns get its top-k principal directions on the branch's
+        training rows; every column outside the blocks keeps its own free weight.
+        """
+        unknown = sorted(set(self.rank or {}) - set(self.modalities_))
+        if unknown:
+            raise ValueError(f"rank names modalities {unknown} that are not fitted; "
+                             f"fitted: {list(self.modalities_)}")
+        bases: dict[str, torch.Tensor] = {}
+        for j, m in enumerate(self.modalities_):
+            blocks = (self.rank or {}).get(m)
+            if not blocks:
+                continue
+            d = self.dims_[m]
+            z = standardised[m][ms[:, j] > 0]
+            taken: set[int] = set()
+            parts: list[torch.Tensor] = []
+            for cols, k in blocks:
+                idx = [int(i) for i in cols]
+                if not idx or min(idx) < 0 or max(idx) >= d or taken & set(idx) or \
+                        len(set(idx)) < len(idx) or int(k) < 1:
+                    raise ValueError(f"rank[{m!r}]: each block needs distinct columns in "
+                                     f"0..{d - 1}, in no other block, and k >= 1")
+                taken |= set(idx)
+                # The standardised columns are centred on these rows already.
+                _, _, vh = torch.linalg.svd(z[:, idx], full_matrices=False)
+                part = torch.zeros(d, min(int(k), len(idx)), dtype=z.dtype)
+                part[idx] = vh[:int(k)].T
+                parts.append(part)
+            free = [i for i in range(d) if i not in taken]
+            unit = torch.zeros(d, len(free), dtype=z.dtype)
+            unit[free, torch.arange(len(free))] = 1.0
+            bases[m] = torch.cat([unit, *parts], dim=1)
+        return bases
 
     def _fit_one(self, l2: float, xs: dict[str, torch.Tensor], ms: torch.Tensor,
                  xv: dict[str, torch.Tensor], mv: torch.Tensor, y_arr: np.ndarray,

@@ -118,6 +118,29 @@ class FeatureSpec:
                 yield f"{feat.name}_hours_since_last"
                 yield f"{feat.name}_missing"
 
+    def column_blocks(self) -> dict[str, list[str]]:
+        """The columns of each statistic across features, e.g. every feature's course mean.
+
+        Age is in no block. The fusion head reduces each block to a few principal
+        directions (``pipelines.training``): one statistic of eleven vitals and labs
+        mostly moves together with how ill the patient is, and a few directions are
+        learned far more reliably from a small cohort than one weight per column.
+        """
+        blocks: dict[str, list[str]] = {}
+        for feat in self.features:
+            for window in self.windows_hours:
+                for stat in self.statistics:
+                    blocks.setdefault(f"{stat} {window:g}h", []).append(
+                        window_column(feat.name, stat, window))
+            if self.course_hours is not None:
+                for stat in self.course_statistics:
+                    blocks.setdefault(f"course {stat} {self.course_hours:g}h", []).append(
+                        course_column(feat.name, stat, self.course_hours))
+            if self.recency:
+                blocks.setdefault("hours since last", []).append(f"{feat.name}_hours_since_last")
+                blocks.setdefault("missing", []).append(f"{feat.name}_missing")
+        return blocks
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -15,7 +15,9 @@ Steps (all seeded):
    image branch of a fusion fit on the whole embedding beside the other modalities,
    and its logit is the image's fusion input.
 5. Stage 2: the fusion model trains on the training split with modality dropout,
-   early stopping on validation.
+   its L2 strengths chosen on validation. With a FHIR-spec EHR table, each statistic's
+   columns across vitals and labs (and their missing indicators) are one block whose
+   weights lie in its top ``fusion.ehr_rank`` principal directions on the training rows.
 6. Calibration (Platt with per-missingness-pattern intercepts by default;
    temperature and isotonic remain options) on the validation split, or on a
    separate patient-grouped calibration split (``calibration_split="separate"``);
@@ -43,6 +45,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -59,7 +62,7 @@ from models.note_encoder import NoteEncoderUnavailableError, TfidfNoteEncoder, l
 from models.privacy import PatientOverlapError, hashed_ids, new_salt
 from models.tabular import TabularPreprocessor
 from pipelines.evaluation import auprc, auroc, brier_score, expected_calibration_error
-from pipelines.feature_spec import DEFAULT_SPEC
+from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 from pipelines.imaging.convert import load_image
 from pipelines.imaging.volume import ImageError
 from pipelines.manifest import CohortManifest, ManifestError, read_manifest
@@ -128,6 +131,14 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # early stopping only when hidden > 0. At train 1,000 / eval 2,000 the exact fit
         # gave fused AUROC 0.799 against AdamW's 0.766 on the same inputs.
         "solver": "auto",
+        # FHIR-spec EHR columns: each statistic's columns across vitals and labs (every
+        # course mean, every trend, every count) and the missing indicators are each one
+        # block whose weights lie in its top-k principal directions on the training rows
+        # (principal-component regression; age keeps its own weight); null: a free weight
+        # per column. Train 2,000 / eval 5,000, seed pairs 0 and 3, the fusion head alone
+        # refitted: fused AUROC 0.830 -> 0.835 and 0.829 -> 0.837 (k = 1: 0.835, 0.839;
+        # k = 3: 0.833, 0.836). Manifest-column models keep a weight per column.
+        "ehr_rank": 2,
     },
     # pooling "auto": negation pooling for sentence encoders (MiniLM barely tells
     # "Denies chills." from "Endorses chills."), mean for TF-IDF, whose n-grams
@@ -328,17 +339,18 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         raise TrainingError(f"{manifest.path}: no usable modality (no tabular feature column, "
                             "note or image)")
     mask = mask_all[:, [MODALITIES.index(m) for m in present_mods]]
+    ehr_blocks = (ehr_rank_blocks(encoding, scaler, DEFAULT_SPEC, cfg["fusion"]["ehr_rank"])
+                  if manifest.sidecar.get("feature_source") == "fhir-spec" else [])
     if stage1 is not None and "image" in present_mods and cfg["image"]["head_refit"] != "none":
         X["image"], image_state = _refit_image_head(stage1, cfg, X, present_mods, mask,
-                                                    train_rows, val, y, seed, cache)
+                                                    train_rows, val, y, seed, cache, ehr_blocks)
         assert image_cfg is not None
         image_cfg["encoders"] = [e.to_state()[0] for e in stage1.encoders]
         image_cfg["head_refit"] = cfg["image"]["head_refit"]
     Xm = {m: X[m] for m in present_mods}
 
     # Stage 2: fusion.
-    fusion = FusionRiskModel(modalities=tuple(present_mods), seed=seed, device=cfg["device"],
-                             calibration=cfg["calibration"], **cfg["fusion"])
+    fusion = _fusion_model(cfg, present_mods, seed, ehr_blocks)
     fusion.fit(_rows(Xm, train_rows), y[train_rows], mask[train_rows],
                X_val=_rows(Xm, val), y_val=y[val], mask_val=mask[val])
     fusion.calibrate(_rows(Xm, cal_rows), y[cal_rows], mask[cal_rows])
@@ -348,8 +360,7 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         # retrained (fusion stage only, cheap) rather than merely masked.
         keep = [j for j, m in enumerate(present_mods) if m != "image"]
         others = tuple(present_mods[j] for j in keep)
-        baseline = FusionRiskModel(modalities=others, seed=seed, device=cfg["device"],
-                                   calibration=cfg["calibration"], **cfg["fusion"])
+        baseline = _fusion_model(cfg, others, seed, ehr_blocks)
         baseline.fit(_rows({m: Xm[m] for m in others}, train_rows), y[train_rows],
                      mask[train_rows][:, keep], X_val=_rows({m: Xm[m] for m in others}, val),
                      y_val=y[val], mask_val=mask[val][:, keep])
@@ -448,7 +459,8 @@ class _Stage1:
 
 def _refit_image_head(stage1: _Stage1, cfg: dict[str, Any], X: dict[str, np.ndarray],
                       mods: list[str], mask: np.ndarray, train_rows: np.ndarray,
-                      val: np.ndarray, y: np.ndarray, seed: int, cache: Path
+                      val: np.ndarray, y: np.ndarray, seed: int, cache: Path,
+                      ehr_blocks: list[tuple[list[int], int]]
                       ) -> tuple[np.ndarray, list[dict[str, torch.Tensor]]]:
     """Refit the encoder's auxiliary head as the image branch of a joint fusion fit.
 
@@ -468,8 +480,7 @@ def _refit_image_head(stage1: _Stage1, cfg: dict[str, Any], X: dict[str, np.ndar
     emb = np.zeros((len(y), int(encoder.embedding_dim)), dtype=np.float32)
     emb[images.rows] = encoder.embed(images.tensors)
     Xe = {m: (emb if m == "image" else X[m]) for m in mods}
-    joint = FusionRiskModel(modalities=tuple(mods), seed=seed, device=cfg["device"],
-                            calibration=cfg["calibration"], **cfg["fusion"])
+    joint = _fusion_model(cfg, mods, seed, ehr_blocks)
     joint.fit(_rows(Xe, train_rows), y[train_rows], mask[train_rows], X_val=_rows(Xe, val),
               y_val=y[val], mask_val=mask[val])
     branch = joint.net_.branches["image"]
@@ -574,6 +585,36 @@ def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_im
     metrics = {"network": encoders[0].network_name_, "val_auroc": val_auc,
                "seconds": round(seconds, 1), "history": histories}
     return _Stage1(out, config, states, metrics, encoders, images)
+
+
+def ehr_rank_blocks(encoding: TabularEncoding, scaler: TabularPreprocessor | None,
+                    spec: FeatureSpec, k: int | None) -> list[tuple[list[int], int]]:
+    """Reduced-rank blocks of the EHR input: (input positions, k) per statistic of ``spec``.
+
+    One block per :meth:`FeatureSpec.column_blocks` statistic, plus one for the missing
+    indicators of spec columns; a block of at most ``k`` columns is left free.
+    """
+    if k is None or scaler is None:
+        return []
+    if int(k) < 1:
+        raise TrainingError(f"fusion.ehr_rank must be a positive integer or null, got {k!r}")
+    names = encoding.columns
+    position = {name: i for i, name in enumerate(names)}
+    spec_blocks = list(spec.column_blocks().values())
+    in_spec = {name for cols in spec_blocks for name in cols}
+    indicators = [len(names) + j for j, source in enumerate(scaler.indicator_)
+                  if names[int(source)] in in_spec]
+    blocks = [[position[name] for name in cols if name in position] for cols in spec_blocks]
+    return [(idx, int(k)) for idx in [*blocks, indicators] if len(idx) > int(k)]
+
+
+def _fusion_model(cfg: dict[str, Any], modalities: Sequence[str], seed: int,
+                  ehr_blocks: list[tuple[list[int], int]]) -> FusionRiskModel:
+    """A fusion head with the config's settings; the EHR branch reduced where blocks say."""
+    params = {k: v for k, v in cfg["fusion"].items() if k != "ehr_rank"}
+    rank = {"ehr": ehr_blocks} if ehr_blocks and "ehr" in modalities else None
+    return FusionRiskModel(modalities=tuple(modalities), seed=seed, device=cfg["device"],
+                           calibration=cfg["calibration"], rank=rank, **params)
 
 
 def _rows(X: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:

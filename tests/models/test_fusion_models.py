@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from models.calibration import (
     IsotonicCalibration,
@@ -279,3 +280,56 @@ def test_image_encoder_learns_a_brightness_signal(network: str) -> None:
     config, state = enc.to_state()
     again = ImageEncoder.from_state(json.loads(json.dumps(config)), state)
     np.testing.assert_allclose(again.embed(x[:4]), enc.embed(x[:4]), atol=1e-6)
+
+
+def _one_factor(n: int, seed: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """24 noisy readings of one severity factor, plus an age column with its own effect."""
+    rng = np.random.default_rng(seed)
+    severity, age = rng.normal(size=n), rng.normal(size=n)
+    loading = np.linspace(0.3, 0.8, 24) * np.where(np.arange(24) % 3 == 0, -1, 1)
+    readings = severity[:, None] * loading + 0.8 * rng.normal(size=(n, 24))
+    logit = 1.6 * severity + 0.5 * age - 1.8
+    y = (rng.random(n) < 1 / (1 + np.exp(-logit))).astype(int)
+    return {"ehr": np.column_stack([age, readings]).astype(np.float32)}, y
+
+
+def test_reduced_rank_block_keeps_its_weights_on_its_principal_direction() -> None:
+    X, y = _one_factor(240, 11)
+    Xv, yv = _one_factor(240, 12)
+    block = list(range(1, 25))
+    kw = {"modalities": ("ehr",), "device": "cpu", "l2": [0.001], "modality_dropout": 0.0}
+    reduced = FusionRiskModel(rank={"ehr": [(block, 1)]}, **kw).fit(X, y, X_val=Xv, y_val=yv)
+    free = FusionRiskModel(**kw).fit(X, y, X_val=Xv, y_val=yv)
+
+    branch = reduced.net_.branches["ehr"]
+    weight = branch.linear.weight.detach().numpy()[0]
+    z = (X["ehr"] - branch.shift.numpy()) / branch.scale.numpy()
+    top = np.linalg.svd(z[:, block], full_matrices=False)[2][0]
+    # The block's 24 weights are one multiple of its first principal direction ...
+    np.testing.assert_allclose(weight[block], (weight[block] @ top) * top, atol=1e-5)
+    # ... and age, outside every block, keeps a free weight of its own.
+    assert weight[0] > 0.2
+    # The reduced branch is a plain linear term: predictions need no basis at scoring time.
+    cfg, state = reduced.to_state()
+    again = FusionRiskModel.from_state(json.loads(json.dumps(cfg)), state)
+    Xt, yt = _one_factor(6000, 13)
+    np.testing.assert_allclose(again.predict_logit(Xt, calibrated=False),
+                               reduced.predict_logit(Xt, calibrated=False), atol=1e-5)
+    # 25 free weights from 240 rows overfit the noise in 24 readings; 2 do not.
+    auc_reduced = roc_auc_score(yt, reduced.predict_logit(Xt))
+    auc_free = roc_auc_score(yt, free.predict_logit(Xt))
+    assert auc_reduced > auc_free + 0.005, (auc_reduced, auc_free)
+
+
+@pytest.mark.parametrize(("rank", "kw", "message"), [
+    ({"ehr": [([1, 2], 1), ([2, 3], 1)]}, {}, "in no other block"),
+    ({"ehr": [([1, 99], 1)]}, {}, "in no other block"),
+    ({"ehr": [([1, 2], 0)]}, {}, "k >= 1"),
+    ({"note": [([1, 2], 1)]}, {}, "not fitted"),
+    ({"ehr": [([1, 2], 1)]}, {"hidden": 4}, "needs solver 'lbfgs'"),
+])
+def test_bad_rank_blocks_are_refused(rank: dict, kw: dict, message: str) -> None:
+    X, y = _one_factor(120, 14)
+    model = FusionRiskModel(modalities=("ehr",), device="cpu", rank=rank, **kw)
+    with pytest.raises(ValueError, match=message):
+        model.fit(X, y, X_val=X, y_val=y)

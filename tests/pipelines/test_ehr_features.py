@@ -111,6 +111,24 @@ def test_spec_round_trips_through_yaml(tmp_path) -> None:  # type: ignore[no-unt
     assert spec.column_names()[:3] == ["age_years", "k_last_12h", "k_min_12h"]
 
 
+def test_column_blocks_group_one_statistic_across_features() -> None:
+    blocks = DEFAULT_SPEC.column_blocks()
+    assert list(blocks) == ["course mean 120h", "course trend 120h", "course count 120h"]
+    assert blocks["course trend 120h"][:2] == ["heart_rate_course_trend_120h",
+                                               "resp_rate_course_trend_120h"]
+    assert all(len(cols) == 11 for cols in blocks.values())
+    # Every column but age is in exactly one block.
+    flat = [c for cols in blocks.values() for c in cols]
+    assert sorted(flat) == sorted(DEFAULT_SPEC.column_names()[1:])
+    windowed = FeatureSpec(features=DEFAULT_SPEC.features[:2], windows_hours=(24.0,),
+                           statistics=("last", "trend"), recency=True)
+    assert windowed.column_blocks() == {
+        "last 24h": ["heart_rate_last_24h", "resp_rate_last_24h"],
+        "trend 24h": ["heart_rate_trend_24h", "resp_rate_trend_24h"],
+        "hours since last": ["heart_rate_hours_since_last", "resp_rate_hours_since_last"],
+        "missing": ["heart_rate_missing", "resp_rate_missing"]}
+
+
 def test_spec_rejects_unknown_statistic() -> None:
     with pytest.raises(ValueError, match="median"):
         FeatureSpec(features=(), statistics=("median",))
