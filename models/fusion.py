@@ -357,8 +357,10 @@ default="platt-pattern"
             # its weight is basis @ coefficients, folded into the linear layer below.
             coef = {m: torch.zeros(p.shape[1], dtype=torch.float64, requires_grad=True)
                     for m, p in bases.items()}
-            weights = {m: (lambda m=m: bases[m] @ coef[m]) if m in bases else
-                       (lambda m=m: branch[m].linear.weight[0]) for m in mods}
+
+            def weight_of(m: str) -> torch.Tensor:
+                return bases[m] @ coef[m] if m in bases else branch[m].linear.weight[0]
+
             params = [net.bias, *(branch[m].linear.weight for m in mods if m not in bases),
                       *coef.values(), *(branch[m].linear.bias for m in mods)]
             penalty = [lam * float(self.dims_[m]) ** self.l2_dim_power
@@ -369,13 +371,13 @@ default="platt-pattern"
 
             def closure() -> torch.Tensor:
                 opt.zero_grad()
-                contrib = torch.stack([
-                    standardised[m] @ weights[m]() + branch[m].linear.bias
-                    for m in mods], dim=1)
+                w = {m: weight_of(m) for m in mods}
+                contrib = torch.stack([standardised[m] @ w[m] + branch[m].linear.bias
+                                       for m in mods], dim=1)
                 logit = net.bias + (contrib[rows] * sub_mask).sum(dim=1)
                 nll = nn.functional.binary_cross_entropy_with_logits(
                     logit, yt, weight=weight, reduction="sum") / n
-                reg = sum(c * (weights[m]() ** 2).sum()
+                reg = sum(c * (w[m] ** 2).sum()
                           for c, m in zip(penalty, mods, strict=True))
                 loss = nll + reg
                 loss.backward()  # type: ignore[no-untyped-call]
@@ -384,8 +386,7 @@ default="platt-pattern"
             opt.step(closure)  # type: ignore[no-untyped-call]
             with torch.no_grad():
                 for m in bases:
-                    branch[m].linear.weight.copy_(weights[m]()[None, :])
-            with torch.no_grad():
+                    branch[m].linear.weight.copy_(weight_of(m)[None, :])
                 val_logit, _ = net(xv64, mv64)
                 val = float(nn.functional.binary_cross_entropy_with_logits(val_logit, yv))
             history.append({"val_loss": val,

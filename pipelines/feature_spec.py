@@ -102,21 +102,7 @@ class FeatureSpec:
 
     def column_names(self) -> list[str]:
         """Feature table columns, in order."""
-        return list(self._columns())
-
-    def _columns(self) -> Iterator[str]:
-        if self.include_age:
-            yield "age_years"
-        for feat in self.features:
-            for window in self.windows_hours:
-                for stat in self.statistics:
-                    yield window_column(feat.name, stat, window)
-            if self.course_hours is not None:
-                for stat in self.course_statistics:
-                    yield course_column(feat.name, stat, self.course_hours)
-            if self.recency:
-                yield f"{feat.name}_hours_since_last"
-                yield f"{feat.name}_missing"
+        return [name for _, name in self._columns()]
 
     def column_blocks(self) -> dict[str, list[str]]:
         """The columns of each statistic across features, e.g. every feature's course mean.
@@ -127,19 +113,26 @@ class FeatureSpec:
         learned far more reliably from a small cohort than one weight per column.
         """
         blocks: dict[str, list[str]] = {}
+        for block, name in self._columns():
+            if block is not None:
+                blocks.setdefault(block, []).append(name)
+        return blocks
+
+    def _columns(self) -> Iterator[tuple[str | None, str]]:
+        """(statistic block or None, column name) for each column, in table order."""
+        if self.include_age:
+            yield None, "age_years"
         for feat in self.features:
             for window in self.windows_hours:
                 for stat in self.statistics:
-                    blocks.setdefault(f"{stat} {window:g}h", []).append(
-                        window_column(feat.name, stat, window))
+                    yield f"{stat} {window:g}h", window_column(feat.name, stat, window)
             if self.course_hours is not None:
                 for stat in self.course_statistics:
-                    blocks.setdefault(f"course {stat} {self.course_hours:g}h", []).append(
-                        course_column(feat.name, stat, self.course_hours))
+                    yield (f"course {stat} {self.course_hours:g}h",
+                           course_column(feat.name, stat, self.course_hours))
             if self.recency:
-                blocks.setdefault("hours since last", []).append(f"{feat.name}_hours_since_last")
-                blocks.setdefault("missing", []).append(f"{feat.name}_missing")
-        return blocks
+                yield "hours since last", f"{feat.name}_hours_since_last"
+                yield "missing", f"{feat.name}_missing"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -298,6 +298,9 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
     X: dict[str, np.ndarray] = {}
     if scaler is not None:
         X["ehr"] = scaler.transform(raw)
+    # Before stage 1, which takes minutes, so a bad ehr_rank fails at once.
+    ehr_blocks = (ehr_rank_blocks(encoding, scaler, DEFAULT_SPEC, cfg["fusion"]["ehr_rank"])
+                  if manifest.sidecar.get("feature_source") == "fhir-spec" else [])
 
     # Notes.
     notes = manifest.notes()
@@ -339,8 +342,6 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         raise TrainingError(f"{manifest.path}: no usable modality (no tabular feature column, "
                             "note or image)")
     mask = mask_all[:, [MODALITIES.index(m) for m in present_mods]]
-    ehr_blocks = (ehr_rank_blocks(encoding, scaler, DEFAULT_SPEC, cfg["fusion"]["ehr_rank"])
-                  if manifest.sidecar.get("feature_source") == "fhir-spec" else [])
     if stage1 is not None and "image" in present_mods and cfg["image"]["head_refit"] != "none":
         X["image"], image_state = _refit_image_head(stage1, cfg, X, present_mods, mask,
                                                     train_rows, val, y, seed, cache, ehr_blocks)
