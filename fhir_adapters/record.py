@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
 
+from fhir_adapters.errors import Issue
+
 __all__ = [
     "Coding",
     "Condition",
@@ -174,6 +176,9 @@ class PatientRecord:
     outcome: Outcome = field(default_factory=Outcome)
     #: When set, this record is an as-of view and nothing later is in it.
     index_time: datetime | None = None
+    #: Located, value-free notices of what ingest nulled or dropped on the way to
+    #: this record (docs/ingest-policy.md). Not part of record equality.
+    warnings: list[Issue] = field(default_factory=list, compare=False)
 
     @property
     def patient_id(self) -> str:
@@ -230,6 +235,7 @@ class PatientRecord:
             mine.extend(x for x in getattr(other, name) if x not in seen)
         if other.outcome.deceased is not None and self.outcome.deceased is None:
             self.outcome = other.outcome
+        self.warnings.extend(w for w in other.warnings if w not in self.warnings)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict, dates as ISO 8601 strings."""
@@ -320,4 +326,5 @@ def record_from_json(data: dict[str, Any]) -> PatientRecord:
         outcome=Outcome(deceased=outcome.get("deceased"),
                         deceased_time=_dt(outcome.get("deceased_time"))),
         index_time=_dt(data.get("index_time")),
+        warnings=[Issue(**w) for w in data.get("warnings", ())],
     )
