@@ -32,7 +32,6 @@ most of its cost; images and note text are never rendered).
 from __future__ import annotations
 
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -42,6 +41,7 @@ import pandas as pd
 from sklearn.linear_model import LogisticRegression
 
 from audits import AuditFrame
+from pipelines.process_pool import process_pool
 from pipelines.synth import SimulatedCohort, simulate_cohort
 
 __all__ = ["BLACK", "HISPANIC", "audit_cohort", "audit_table", "cohort_scores", "run",
@@ -234,7 +234,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     seeds = list(range(10))
     jobs = [(sizes, s, b) for b in (True, False) for s in seeds]
     started = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=2) as pool:
+    with process_pool(2) as pool:  # started safely, never forked (pipelines.process_pool)
         results = [r for part in pool.map(_job, jobs) for r in part]
     by_size = [_summarise(results, n, len(seeds)) for n in sizes]
     return {

@@ -32,7 +32,6 @@ import itertools
 import json
 import math
 import mmap
-import multiprocessing as mp
 import os
 import platform
 import shutil
@@ -43,7 +42,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from importlib.metadata import version
@@ -57,6 +56,8 @@ import torch
 import torch.nn.functional as F
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from pipelines.process_pool import process_pool
 
 __all__ = [
     "FastSeriesReader", "GpuPreprocess", "ReadSeries", "ScoringConfig", "generate_series",
@@ -256,8 +257,9 @@ def generate_series(root: Path, n_series: int, n_slices: int, size: int, seed: i
         for plan in plans:
             _write_series(plan)
         return plans
-    # fork: the children only run numpy and pydicom, and CUDA is not initialised yet.
-    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+    # Never fork: this process has imported torch, whose thread pools a forked child
+    # inherits half-locked (pipelines.process_pool).
+    with process_pool(workers) as pool:
         list(pool.map(_write_series, plans))
     return plans
 
@@ -471,13 +473,31 @@ def _read_pydicom(path: str, slot: int, dest: np.ndarray, layout: _Layout) -> _F
                      True)
 
 
-# The process pool's view of the pixel ring: an anonymous shared mapping inherited at fork.
+# The process pool's view of the pixel ring: each worker maps the ring's file itself,
+# since workers start from the forkserver and inherit no mapping.
 _WORKER_RING: mmap.mmap | None = None
 
 
-def _worker_init(ring: mmap.mmap) -> None:
+def _worker_init(ring_path: str, size: int) -> None:
     global _WORKER_RING
-    _WORKER_RING = ring
+    with open(ring_path, "r+b") as fh:
+        _WORKER_RING = mmap.mmap(fh.fileno(), size)
+
+
+def _ring_file(size: int) -> tuple[int, str]:
+    """A shared file of ``size`` bytes for the ring: (fd, path other processes open).
+
+    A memfd (anonymous, in RAM, no write-back to disk, not under /dev/shm, whose size
+    containers often cap at 64 MB), opened by workers through /proc; else an unlinked-on-
+    close temporary file.
+    """
+    if hasattr(os, "memfd_create") and Path(f"/proc/{os.getpid()}/fd").is_dir():
+        fd = os.memfd_create("clinfuse-pixel-ring")
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+    else:
+        fd, path = tempfile.mkstemp(prefix="clinfuse-pixel-ring-")
+    os.ftruncate(fd, size)
+    return fd, path
 
 
 def _noop(_: int) -> int:
@@ -535,8 +555,9 @@ class FastSeriesReader:
     capacity : (slices, rows, cols)
         Largest series the ring holds; larger ones are refused (reference path).
     mode : {"threads", "processes"}
-        Threads share the GIL for the header scan; processes (forked, writing into one
-        anonymous shared mapping registered with CUDA) do not, and move no arrays.
+        Threads share the GIL for the header scan; processes (started by the forkserver,
+        writing into one shared memfd mapping registered with CUDA) do not, and move no
+        arrays.
     workers : int
         Pool size; each series is split into this many chunks of files.
     prefetch : int
@@ -558,16 +579,16 @@ class FastSeriesReader:
         self.release_events: list[Any] = [None] * self.n_ring
         self.pinned = False
         self._mapping: mmap.mmap | None = None
+        self._ring_fd: int | None = None
+        self._ring_path: str | None = None
         self._pool: Executor
         if mode == "processes":
-            # Allocated before the fork so the children inherit it; not in /dev/shm, whose
-            # size containers often cap at 64 MB.
-            self._mapping = mmap.mmap(-1, self.slot_bytes * self.n_ring)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("fork"),
-                                             initializer=_worker_init,
-                                             initargs=(self._mapping,))
-            # Start every child now: after cudaHostRegister, CUDA may mark the range
-            # MADV_DONTFORK and later children would not see it.
+            size = self.slot_bytes * self.n_ring
+            self._ring_fd, self._ring_path = _ring_file(size)
+            self._mapping = mmap.mmap(self._ring_fd, size)
+            self._pool = process_pool(self.workers, initializer=_worker_init,
+                                      initargs=(self._ring_path, size))
+            # Start every child now, so their start-up (imports) is not timed as reading.
             list(self._pool.map(_noop, range(self.workers)))
             self._flat = torch.frombuffer(self._mapping, dtype=torch.uint8)
         else:
@@ -590,6 +611,11 @@ class FastSeriesReader:
         self._pool.shutdown(wait=True)
         if self._mapping is not None and self.pinned:
             _host_unregister(self._flat)
+        if self._ring_fd is not None:
+            os.close(self._ring_fd)
+            if self._ring_path is not None and not self._ring_path.startswith("/proc/"):
+                os.unlink(self._ring_path)
+            self._ring_fd = None
 
     def __enter__(self) -> FastSeriesReader:
         return self
@@ -1195,7 +1221,7 @@ def _run(config: ScoringConfig, tmp: Path, started: float) -> dict[str, Any]:
     device = torch.device(config.device)
     capacity = (config.n_slices, config.size, config.size)
     pin = device.type == "cuda"
-    # Readers first: their process pools fork before CUDA is initialised.
+    # Readers first: their workers start (and import) before CUDA is initialised.
     readers = {mode: FastSeriesReader(capacity=capacity, mode=mode,  # type: ignore[arg-type]
                                       workers=config.read_workers * (2 if mode == "threads"
                                                                      and not config.small

@@ -21,11 +21,11 @@ import math
 import os
 import time
 from collections.abc import Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
+from pipelines.process_pool import process_pool
 from pipelines.synth.codes import OUTCOME_DEFINITION
 from pipelines.synth.cohort import SimulatedCohort, simulate_cohort
 from pipelines.synth.leakage import auroc, outcome_terms, shuffled_auroc
@@ -132,7 +132,7 @@ def _run(jobs: list[WriteJob], workers: int, progress: bool) -> Iterator[WriteRe
         yield from _progress(results, len(jobs), progress)
         return
     chunk = max(1, len(jobs) // (workers * 8))
-    with ProcessPoolExecutor(max_workers=workers) as pool:
+    with process_pool(workers) as pool:
         results = pool.map(write_patient, jobs, chunksize=chunk)
         yield from _progress(results, len(jobs), progress)
 
