@@ -1,8 +1,10 @@
 """The HL7 v2 edge: messages in, FHIR R4 resources and PatientRecords out, ACK/NAK back.
 
 >>> records = records_from_hl7(text, source="feed.hl7")       # doctest: +SKIP
+>>> records[0].warnings          # what was nulled or dropped, located  # doctest: +SKIP
 >>> resources = hl7_to_fhir_resources(text)                    # doctest: +SKIP
 >>> ack = build_ack(text, "AE", error=exc.issues[0])           # doctest: +SKIP
+>>> ack = build_ack(segments, "AA", mapped.warnings)  # AA, ERR-4 W each  # doctest: +SKIP
 
 ``parser="fast"`` (the default) uses the hand-written splitter in
 :mod:`fhir_adapters.hl7v2_parse`; ``parser="hl7apy"`` reads the message with
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, date, datetime
 from typing import Any, Literal
 
@@ -26,16 +29,18 @@ from fhir_adapters.errors import IngestError, Issue, NotPatientData
 from fhir_adapters.fhir_json import records_from_resources
 from fhir_adapters.hl7v2_parse import (
     SUPPORTED_VERSIONS,
+    Message,
     Parser,
     SegmentView,
     parse_fast,
     parse_hl7apy,
+    read_messages,
     split_messages,
 )
-from fhir_adapters.hl7v2_to_fhir import message_to_resources
+from fhir_adapters.hl7v2_to_fhir import MappedMessage, map_message
 from fhir_adapters.record import PatientRecord
 
-__all__ = ["ack_code_for", "build_ack", "hl7_to_fhir_resources", "records_from_hl7"]
+__all__ = ["ack_code_for", "build_ack", "hl7_to_fhir_resources", "map_hl7", "records_from_hl7"]
 
 AckCode = Literal["AA", "AE", "AR"]
 _PARSERS = ("fast", "hl7apy")
@@ -48,48 +53,120 @@ def hl7_to_fhir_resources(
     """FHIR R4 resources (JSON dicts with ids) for every message in ``message_text``.
 
     References between them use ``Patient/<id>``. A batch (FHS/BHS) or a file of
-    several messages gives the resources of all of them, in order.
+    several messages gives the resources of all of them, in order. Fields that
+    were nulled or results dropped on the way are left out silently here; use
+    :func:`records_from_hl7` (PatientRecord.warnings) or :func:`map_hl7` to see them.
 
     Raises
     ------
     IngestError
-        Located at the segment and field (and message, in a batch); never
-        carries patient values. ``NotPatientData`` for a message without PID.
+        A message that cannot be read at all, located at the segment and field
+        (and message, in a batch); never carries patient values. ``NotPatientData``
+        for a message without PID.
     """
-    if parser not in _PARSERS:
-        raise ValueError(_INVALID_PARSER.format(parser))
-    messages = split_messages(message_text)
-    read = parse_fast if parser == "fast" else parse_hl7apy
     resources: list[dict[str, Any]] = []
-    for number, message in enumerate(messages, start=1):
-        try:
-            segments: Sequence[SegmentView] = read(message)
-            resources.extend(message_to_resources(segments, message_index=number, today=today))
-        except IngestError as exc:
-            if len(messages) == 1:
-                raise
-            issues = [Issue(i.code, f"message {number}: {i.diagnostics}", i.expression,
-                            i.severity, i.segment, i.segment_index, i.field)
-                      for i in exc.issues]
-            raise type(exc)(issues, source=exc.source) from None
+    for mapped in map_hl7(message_text, parser=parser, today=today):
+        if isinstance(mapped, IngestError):
+            raise mapped
+        resources.extend(mapped.resources)
     return resources
 
 
-def records_from_hl7(
-    text: str | bytes, source: str | None = None, *, parser: Parser = "fast"
-) -> list[PatientRecord]:
-    """One PatientRecord per PID segment, in message order.
+def map_hl7(
+    text: str | bytes, *, parser: Parser = "fast", today: date | None = None
+) -> list[MappedMessage | IngestError]:
+    """Each message of ``text`` mapped on its own: its resources and warnings, or its error.
 
-    Records of the same patient are not merged here; use
-    :func:`fhir_adapters.record.merge_records` for that.
+    The line-joining warnings of :func:`~fhir_adapters.hl7v2_parse.read_messages`
+    come first in each message's warnings. In a file of several messages every
+    issue says which message (``message 2: ...``).
+
+    Raises
+    ------
+    IngestError
+        When the input as a whole is not HL7 v2 (empty, binary, no MSH).
     """
+    if parser not in _PARSERS:
+        raise ValueError(_INVALID_PARSER.format(parser))
+    messages = read_messages(text)
+    several = len(messages) > 1
+    return [_map_one(message, number if several else None, parser, today)
+            for number, message in enumerate(messages, start=1)]
+
+
+def _map_one(message: Message, number: int | None, parser: Parser, today: date | None
+             ) -> MappedMessage | IngestError:
+    read = parse_fast if parser == "fast" else parse_hl7apy
     try:
-        resources = hl7_to_fhir_resources(text, parser=parser)
+        mapped = map_message(read(message.text), message_index=number or 1, today=today)
     except IngestError as exc:
-        if exc.source is None and source is not None:
-            raise type(exc)(exc.issues, source=source) from None
-        raise
-    return records_from_resources(resources, source)
+        return type(exc)([_numbered(i, number) for i in exc.issues], source=exc.source)
+    return MappedMessage(
+        mapped.resources,
+        [_numbered(i, number) for i in (*message.warnings, *mapped.warnings)],
+        [*(None for _ in message.warnings), *mapped.owners],
+    )
+
+
+def _numbered(issue: Issue, number: int | None) -> Issue:
+    if number is None:
+        return issue
+    return replace(issue, diagnostics=f"message {number}: {issue.diagnostics}")
+
+
+def records_from_hl7(
+    text: str | bytes, source: str | None = None, *, parser: Parser = "fast",
+    errors: list[IngestError] | None = None,
+) -> list[PatientRecord]:
+    """One PatientRecord per PID segment, in message order, each with its warnings.
+
+    Each record carries, in ``warnings``, what was nulled or dropped from its
+    message (a bad date, an unreadable result, a joined line), located and
+    value-free. A message that cannot be read at all is dropped on its own: its
+    error goes to ``errors`` when given, else onto every record of the file as a
+    warning, so it is never silent. Records of the same patient are not merged
+    here; use :func:`fhir_adapters.record.merge_records` for that.
+
+    Raises
+    ------
+    IngestError
+        When no message of ``text`` gives a record (all the messages' issues).
+    """
+    records: list[PatientRecord] = []
+    failed: list[IngestError] = []
+    try:
+        messages = map_hl7(text, parser=parser)
+        several = len(messages) > 1
+        for number, mapped in enumerate(messages, start=1):
+            if isinstance(mapped, MappedMessage):
+                try:
+                    made = records_from_resources(mapped.resources)
+                except IngestError as exc:
+                    failed.append(type(exc)([_numbered(i, number if several else None)
+                                             for i in exc.issues]))
+                    continue
+                for record in made:
+                    record.warnings.extend(mapped.warnings_for(record.resource_id))
+                records.extend(made)
+            else:
+                failed.append(mapped)
+    except IngestError as exc:
+        failed.append(exc)
+    failed = [type(e)(e.issues, source=e.source or source) for e in failed]
+    if not records and failed:
+        if len(failed) == 1:
+            raise failed[0]
+        kind = NotPatientData if all(isinstance(e, NotPatientData) for e in failed) \
+            else IngestError
+        raise kind([i for e in failed for i in e.issues], source=source)
+    if errors is not None:
+        errors.extend(failed)
+    else:
+        dropped = [replace(i, severity="warning", diagnostics=f"{i.diagnostics} "
+                           "(that message was not ingested)") for e in failed for i in e.issues]
+        for record in records:
+            record.warnings.extend(dropped)
+    return records
 
 
 # --- ACK / NAK ---------------------------------------------------------------------------
@@ -121,17 +198,19 @@ def ack_code_for(error: IngestError) -> AckCode:
 def build_ack(
     message: str | bytes | Sequence[SegmentView],
     code: AckCode = "AA",
-    error: Issue | IngestError | None = None,
+    error: Issue | IngestError | Sequence[Issue] | None = None,
     *,
     control_id: str | None = None,
     now: datetime | None = None,
 ) -> str:
     """An HL7 v2 ACK (AA) or NAK (AE/AR) for ``message``, segments joined by CR.
 
-    MSA-2 echoes the message's MSH-10. A NAK carries one ERR per issue: ERR-2
-    (v2.5+) or ERR-1 (earlier) locates the segment and field, ERR-3 gives the
-    HL7 table 0357 code. Only the issue's diagnostics are sent, never values
-    from the message. Input that cannot be read gets a NAK with empty MSA-2.
+    MSA-2 echoes the message's MSH-10. One ERR per issue: ERR-2 (v2.5+) or ERR-1
+    (earlier) locates the segment and field, ERR-3 gives the HL7 table 0357 code
+    and ERR-4 the severity. An AA may carry warnings (ERR-4 ``W``), one per
+    element that was nulled or dropped, so an interface engine sees what was
+    left out without resending. Only the issue's diagnostics are sent, never
+    values from the message. Input that cannot be read gets a NAK with empty MSA-2.
     """
     if code not in ("AA", "AE", "AR"):
         raise ValueError(f"ACK code must be AA, AE or AR, got {code!r}")
@@ -157,6 +236,8 @@ def build_ack(
         issues = error.issues
     elif isinstance(error, Issue):
         issues = [error]
+    elif error is not None:
+        issues = list(error)
     if code != "AA" and not issues:
         issues = [Issue("exception", "application error")]
     modern = version[:3] >= "2.5"
@@ -179,6 +260,9 @@ def _err(issue: Issue, modern: bool) -> str:
     number, text = _ERROR_CODES.get(issue.code, ("207", "Application internal error"))
     if issue.segment == "MSH" and issue.field == 12:
         number, text = "203", "Unsupported version id"
+    elif issue.code == "not-supported" and issue.segment not in (None, "MSH", "PID"):
+        # A value type (OBX-2, table 0125) or encoding this receiver does not take.
+        number, text = "103", "Table value not found"
     location = ""
     if issue.segment and len(issue.segment) == 3:
         location = "^".join(str(p) if p is not None else "" for p in (

@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 from typing import Any, Literal, Protocol
 
 from fhir_adapters.errors import IngestError, Issue
@@ -25,12 +26,14 @@ __all__ = [
     "Encoding",
     "FastSegment",
     "Hl7apySegment",
+    "Message",
     "SegmentView",
     "disagreements",
     "hl7apy_version",
     "normalise_text",
     "parse_fast",
     "parse_hl7apy",
+    "read_messages",
     "split_messages",
     "unescape",
 ]
@@ -122,32 +125,115 @@ def split_messages(data: str | bytes) -> list[str]:
     """Split input into messages, each a CR-joined string that starts with MSH.
 
     Accepts CR, LF or CRLF segment separators, a UTF-8 BOM and FHS/BHS batch
-    wrappers (whose header and trailer segments are dropped).
+    wrappers (whose header and trailer segments are dropped). A line that does
+    not start a segment continues the one before it (see :func:`read_messages`).
+    """
+    return [m.text for m in read_messages(data)]
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message's text (segments joined by CR) and what reading it had to repair."""
+
+    text: str
+    warnings: tuple[Issue, ...] = ()
+
+
+def read_messages(data: str | bytes) -> list[Message]:
+    """Split input into messages, joining wrapped lines, each repair a located warning.
+
+    Files on disk often separate segments with LF or CRLF, and a line break typed
+    into a text field (OBR-4, NTE-3, OBX-5) then splits a segment in two. As
+    interface engines do, a line that does not start with a segment ID (three
+    uppercase letters or digits and the field separator; a bare known ID) is
+    read as part of the segment before it, joined with one space (none where the
+    break falls next to a delimiter), whatever the separator (CR, LF or CRLF).
+
+    Raises
+    ------
+    IngestError
+        Empty, binary or non-UTF-8 input, or text before the first MSH.
     """
     text = normalise_text(data)
-    messages: list[list[str]] = []
+    messages: list[_Building] = []
+    in_batch_header = False
     for number, line in enumerate(_LINE_BREAK.split(text), start=1):
         # Trailing blanks are not data; hl7apy drops them too.
         line = line.strip()
         if not line:
             continue
         head = line[:3]
-        if head in _BATCH_SEGMENTS:
+        current = messages[-1] if messages else None
+        starts = _starts_segment(line, current.delimiters[0] if current else "|")
+        wrapped = not starts and head != "MSH"
+        # A batch header declares its own separators, so any non-word character follows it.
+        batch = head in _BATCH_SEGMENTS and not line[3:4].isalnum() and line[3:4] != " "
+        if batch or (in_batch_header and wrapped):
+            # Batch wrappers are dropped, and with them any line wrapped out of one.
+            in_batch_header = True
             continue
+        in_batch_header = False
         if head == "MSH":
-            messages.append([line])
-        elif not messages:
+            messages.append(_Building(line))
+        elif current is None:
             raise IngestError(Issue(
                 "structure",
                 f"line {number} comes before any MSH segment; every HL7 v2 message must "
                 "start with MSH", segment="MSH", segment_index=1,
             ))
+        elif wrapped:
+            current.join(line, number)
         else:
-            messages[-1].append(line)
+            current.segments.append(line)
     if not messages:
         raise IngestError(Issue("structure", "no MSH segment found; this is not an HL7 v2 "
                                 "message", segment="MSH", segment_index=1))
-    return ["\r".join(m) for m in messages]
+    return [Message("\r".join(m.segments), tuple(m.warnings)) for m in messages]
+
+
+class _Building:
+    """A message being split: its segments so far and the lines joined into them."""
+
+    def __init__(self, msh: str) -> None:
+        self.segments = [msh]
+        self.warnings: list[Issue] = []
+        # Field, component, repetition and subcomponent separators, as MSH-1/2 declare them.
+        encoding = msh[4:8]
+        self.delimiters = (msh[3:4] or "|") + encoding[:2] + encoding[3:4]
+
+    def join(self, line: str, number: int) -> None:
+        previous = self.segments[-1]
+        name = previous[:3]
+        field_sep = self.delimiters[0]
+        # The field the break fell in: MSH counts its separator as MSH-1.
+        field = previous.count(field_sep) + (1 if name == "MSH" else 0)
+        index = sum(1 for s in self.segments if s[:3] == name)
+        glue = "" if previous[-1] in self.delimiters or line[0] in self.delimiters else " "
+        self.segments[-1] = previous + glue + line
+        self.warnings.append(Issue(
+            "structure", f"line {number} does not start with a segment ID; read as a line "
+            f"break inside {name}-{field} and joined to it", severity="warning",
+            segment=name, segment_index=index, field=field,
+        ))
+
+
+def _starts_segment(line: str, field_sep: str) -> bool:
+    """Whether ``line`` starts a segment: an ID then the field separator, or a bare known ID."""
+    if not _SEGMENT_ID.match(line[:3]):
+        return False
+    if len(line) > 3:
+        return line[3] == field_sep
+    return _known_id(line)
+
+
+@cache
+def _known_id(name: str) -> bool:
+    """A segment ID that HL7 v2.8 defines, or a local Z-segment (a bare word in text is not)."""
+    if name.startswith("Z"):
+        return True
+    from hl7apy import load_library
+
+    return name in load_library("2.8").SEGMENTS
 
 
 def message_version(segments: Sequence[SegmentView]) -> str:

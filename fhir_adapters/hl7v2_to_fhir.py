@@ -7,9 +7,19 @@ after it (PV1, OBR, OBX, TXA) belong to that patient until the next PID.
 - PID -> Patient; PV1 -> Encounter.
 - MRG (ADT^A40 and the other merges) -> ``Patient.link`` of type ``replaces`` naming each
   prior identifier (MRG-1) on the surviving PID's Patient; the store performs the merge.
-- OBX of value type NM, SN, ST, coded, date or time -> Observation.
+- OBX of value type NM, SN, ST, ID, IS, coded (CWE, CE, CNE, CF), date or time ->
+  Observation (valueQuantity, with its comparator for ``<2.22``; valueRange or valueRatio
+  for SN ``^10^-^20`` and ``^1^:^128``; valueString; valueCodeableConcept; valueDateTime;
+  valueTime).
 - TXA and the OBX after it, and runs of OBX TX/FT outside a TXA -> DocumentReference.
-- OBX of type ED, RP, HD and the like outside a TXA carry no note or measurement: skipped.
+- OBX of any other type (XTN telecom numbers, ED and RP outside a TXA, HD, XCN, DR ...) carries
+  no note or measurement the record can hold: dropped, with a warning.
+
+Tolerance (docs/ingest-policy.md): a field the resource can live without is nulled with a
+located, value-free warning when it cannot be read (an impossible or malformed date, a
+future birth date); a missing or bad OBX-14 falls back to OBR-7. Only an empty OBX-3 or a
+bad OBX-5 drops its observation, again with one warning. The warnings come back with the
+resources in :class:`MappedMessage`.
 
 Times without a UTC offset are taken as UTC ("Z"), the PatientRecord convention.
 """
@@ -17,17 +27,19 @@ Times without a UTC offset are taken as UTC ("Z"), the PatientRecord convention.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import re
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta, timezone
 from typing import Any
 
-from fhir_adapters.errors import IngestError, Issue, NotPatientData
+from fhir_adapters.errors import Issue, IssueCode, NotPatientData
 from fhir_adapters.hl7v2_parse import Encoding, SegmentView, message_version, unescape
 from fhir_adapters.units import canonical_unit, is_known_unit
 
-__all__ = ["LOINC", "UCUM", "message_to_resources", "parse_dtm"]
+__all__ = ["LOINC", "UCUM", "MappedMessage", "map_message", "message_to_resources", "parse_dtm"]
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -76,6 +88,22 @@ _ETHNICITY_OMB = {"2135-2": "Hispanic or Latino", "2186-5": "Not Hispanic or Lat
 _ETHNICITY_V2 = {"H": "2135-2", "N": "2186-5"}
 _VALUE_TYPES = {"NM", "SN", "ST", "CWE", "CE", "CNE", "CF", "DT", "DTM", "TS", "TM", "ID", "IS"}
 _NOTE_TYPES = {"TX", "FT"}
+_NOT_A_DTM = "is not a valid HL7 date/time (expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])"
+_EXPECTED = {"NM": "a number (optionally after <, <=, > or >=)",
+             "SN": "a structured numeric ([comparator]^number[^separator^number])",
+             "DT": "a valid HL7 date", "DTM": "a valid HL7 date/time",
+             "TS": "a valid HL7 date/time", "TM": "a valid HL7 time (HH[MM[SS]])"}
+#: Why an OBX of a type with no FHIR home here is not kept (the default: _unkept()).
+_UNKEPT = {
+    "XTN": "a telecom number: contact data, not a clinical result",
+    "ED": "encapsulated data (a PDF or image) outside a TXA document",
+    "RP": "a pointer to content held elsewhere, which ingest does not fetch",
+}
+
+
+def _unkept(kind: str) -> str:
+    why = _UNKEPT.get(kind, "a value type that maps to no observation or note")
+    return f"OBX-2 {kind} is {why}; result not kept"
 
 _DTM = re.compile(
     r"(\d{4})(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?\Z"
@@ -83,11 +111,36 @@ _DTM = re.compile(
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?\Z")
 _RANGE = re.compile(r"\s*([+-]?[\d.]+)\s*(?:-|to|–)\s*([+-]?[\d.]+)\s*\Z")
 _BOUND = re.compile(r"\s*([<>])=?\s*([+-]?[\d.]+)\s*\Z")
+# A numeric result with a comparator, as labs send it in NM: "<2.22", ">=10", "< 5".
+_COMPARED = re.compile(r"\s*(<=|>=|<|>)\s*(\S+)\s*\Z")
 _BCP47 = re.compile(r"[a-z]{2}(-[A-Z]{2})?\Z")
 
 
 class _BadDate(ValueError):
     pass
+
+
+class _Dropped(Exception):
+    """The OBX being mapped cannot become an observation; carries the located reason."""
+
+    def __init__(self, issue: Issue) -> None:
+        super().__init__(issue.diagnostics)
+        self.issue = issue
+
+
+@dataclass(frozen=True)
+class MappedMessage:
+    """One message's FHIR resources and the warnings for what mapping nulled or dropped."""
+
+    resources: list[dict[str, Any]]
+    warnings: list[Issue] = dataclasses.field(default_factory=list)
+    #: The ``Patient`` id each warning belongs to (None: before any PID, the whole message).
+    owners: list[str | None] = dataclasses.field(default_factory=list)
+
+    def warnings_for(self, patient_id: str | None) -> list[Issue]:
+        """The warnings about ``patient_id``'s data, and those about the whole message."""
+        return [w for w, owner in zip(self.warnings, self.owners, strict=True)
+                if owner is None or owner == patient_id]
 
 
 def parse_dtm(text: str) -> tuple[str, datetime, bool]:
@@ -134,7 +187,10 @@ class _Mapper:
         self.resources: list[dict[str, Any]] = []
         self.patient_ref: str | None = None
         self.patient_resource: dict[str, Any] | None = None
-        self.obr: SegmentView | None = None
+        self.obr_time: tuple[str, datetime, bool] | None = None  # OBR-7, OBX-14's fallback
+        self.patient_id: str | None = None
+        self.warnings: list[Issue] = []
+        self.owners: list[str | None] = []
         self.document: dict[str, Any] | None = None
         self.note_run: tuple[dict[str, Any], str] | None = None  # (resource, OBX-3 code)
 
@@ -148,19 +204,26 @@ class _Mapper:
         seed = f"{self.message_index}|{self.control_id}|{kind}|{seg.name}|{seg.index}"
         return str(uuid.uuid5(_ID_NAMESPACE, seed))
 
+    def issue(self, seg: SegmentView, field: int | None, code: IssueCode, what: str) -> Issue:
+        return Issue(code, what, severity="warning", segment=seg.name,
+                     segment_index=seg.index, field=field)
+
+    def warn(self, seg: SegmentView, field: int | None, code: IssueCode, what: str) -> None:
+        """Record a nulled or dropped element, for the patient being mapped."""
+        self.warnings.append(self.issue(seg, field, code, what))
+        self.owners.append(self.patient_id)
+
     def when(self, seg: SegmentView, field: int, comp: int = 1) -> tuple[str, datetime,
                                                                           bool] | None:
+        """The date/time in ``seg``-``field``; None, with a warning, when it cannot be one."""
         raw = seg.value(field, comp=comp).strip()
         if not raw:
             return None
         try:
             return parse_dtm(raw)
         except ValueError:
-            raise IngestError(Issue(
-                "value", f"{seg.name}-{field} is not a valid HL7 date/time "
-                "(expected YYYY[MM[DD[HH[MM[SS[.S]]]]]][+/-ZZZZ])",
-                segment=seg.name, segment_index=seg.index, field=field,
-            )) from None
+            self.warn(seg, field, "value", f"{seg.name}-{field} {_NOT_A_DTM}; left out")
+            return None
 
     def coding(self, seg: SegmentView, field: int, rep: int = 1, first: int = 1
                ) -> dict[str, Any] | None:
@@ -208,7 +271,7 @@ class _Mapper:
                 self.merge(seg)
             elif name in ("OBR", "ORC"):
                 if name == "OBR":
-                    self.obr = seg
+                    self.obr_time = self.when(seg, 7)
                 self.document = None
                 self.note_run = None
             elif name == "TXA":
@@ -230,10 +293,11 @@ class _Mapper:
     # PID ------------------------------------------------------------------------------
 
     def patient(self, pid: SegmentView) -> None:
-        self.obr = None
+        self.obr_time = None
         self.document = None
         self.note_run = None
         pid_id = self.new_id("Patient", pid)
+        self.patient_id = pid_id
         self.patient_ref = f"Patient/{pid_id}"
         patient: dict[str, Any] = {"resourceType": "Patient", "id": pid_id}
         identifiers = [i for r in range(1, pid.repetitions(3) + 1)
@@ -250,11 +314,9 @@ class _Mapper:
         if birth is not None:
             local = birth[0].split("T")[0]  # the sender's calendar date, not shifted to UTC
             if date.fromisoformat((local + "-01-01")[:10]) > self.today:
-                raise IngestError(Issue(
-                    "value", "PID-7 (date of birth) is in the future",
-                    segment="PID", segment_index=pid.index, field=7,
-                ))
-            patient["birthDate"] = local
+                self.warn(pid, 7, "value", "PID-7 (date of birth) is in the future; left out")
+            else:
+                patient["birthDate"] = local
         death = self.when(pid, 29)
         if death is not None:
             patient["deceasedDateTime"] = death[0]
@@ -397,22 +459,36 @@ class _Mapper:
             self.note(obx)
             return
         self.note_run = None
-        if kind in _VALUE_TYPES:
-            self.observation(obx, kind)
+        if not kind and obx.repetitions(5):
+            # OBX-2 is required when OBX-5 is valued; read the value as the text it is.
+            self.warn(obx, 2, "required", "OBX-2 (value type) is empty; OBX-5 read as text (ST)")
+            kind = "ST"
+        if not kind:
+            return  # no type and no value: nothing was sent to keep
+        try:
+            if kind in _VALUE_TYPES:
+                self.observation(obx, kind)
+            elif obx.repetitions(5):
+                raise _Dropped(self.issue(obx, 2, "not-supported", _unkept(kind)))
+        except _Dropped as dropped:
+            self.warnings.append(dropped.issue)
+            self.owners.append(self.patient_id)
 
     def observation(self, obx: SegmentView, kind: str) -> None:
+        code = self.concept(obx, 3)
+        if code is None:
+            raise _Dropped(self.issue(obx, 3, "required", "OBX-3 (observation identifier) is "
+                                      "empty, so the result names nothing; result dropped"))
+        # OBX-5 before OBX-14: a result dropped for its value gets that one warning only.
+        value = self.value(obx, kind)
         obs: dict[str, Any] = {
             "resourceType": "Observation", "id": self.new_id("Observation", obx),
             "status": _OBX_STATUS.get(self.text(obx, 11).upper(), "unknown"),
-            "code": self.concept(obx, 3) or {"text": "unknown"},
-            "subject": {"reference": self.patient_ref},
+            "code": code, "subject": {"reference": self.patient_ref},
         }
-        effective = self.when(obx, 14)
-        if effective is None and self.obr is not None:
-            effective = self.when(self.obr, 7)
+        effective = self.when(obx, 14) or self.obr_time
         if effective is not None:
             obs["effectiveDateTime"] = effective[0]
-        value = self.value(obx, kind)
         if value:
             obs.update(value)
         ref = self.reference_range(obx)
@@ -424,8 +500,10 @@ class _Mapper:
                                                   "code": interpretation}]}]
         self.resources.append(obs)
 
-    def quantity(self, number: str, obx: SegmentView) -> dict[str, Any]:
+    def quantity(self, number: str, obx: SegmentView, comparator: str = "") -> dict[str, Any]:
         quantity: dict[str, Any] = {"value": _number(number)}
+        if comparator:
+            quantity["comparator"] = comparator
         unit = self.text(obx, 6, 1, 1)
         if unit:
             quantity["unit"] = unit
@@ -436,38 +514,64 @@ class _Mapper:
                 quantity |= {"system": UCUM, "code": canonical_unit(unit)}
         return quantity
 
+    def bad_value(self, obx: SegmentView, kind: str) -> _Dropped:
+        expected = _EXPECTED.get(kind, f"a {kind} value")
+        return _Dropped(self.issue(obx, 5, "value", f"OBX-5 is not {expected} as OBX-2 "
+                                   f"{kind} declares; result dropped"))
+
     def value(self, obx: SegmentView, kind: str) -> dict[str, Any] | None:
-        raw = self.text(obx, 5)
-        if kind == "NM":
-            if not raw:
-                return None
-            if _NUMBER.match(raw):
-                return {"valueQuantity": self.quantity(raw, obx)}
-            return {"valueString": raw}
+        """OBX-5 as a FHIR value[x]; raises :class:`_Dropped` when it is not of its type."""
         if kind == "SN":
-            comparator, num1 = self.text(obx, 5, 1, 1), self.text(obx, 5, 1, 2)
-            sep, num2 = self.text(obx, 5, 1, 3), self.text(obx, 5, 1, 4)
-            if num1 and not sep and not num2 and _NUMBER.match(num1):
-                quantity = self.quantity(num1, obx)
-                if comparator in ("<", "<=", ">", ">="):
-                    quantity = {"value": quantity.pop("value"), "comparator": comparator,
-                                **quantity}
-                elif comparator not in ("", "="):
-                    return {"valueString": "".join((comparator, num1))}
-                return {"valueQuantity": quantity}
-            text = "".join((comparator, num1, sep, num2))
-            return {"valueString": text} if text else None
+            return self.structured_numeric(obx)
         if kind in ("CWE", "CE", "CNE", "CF"):
             concept = self.concept(obx, 5)
             return {"valueCodeableConcept": concept} if concept else None
+        raw = self.text(obx, 5)
+        if not raw:
+            return None
+        if kind == "NM":
+            if _NUMBER.match(raw):
+                return {"valueQuantity": self.quantity(raw, obx)}
+            # "<2.22" is a bound the lab measured, not an error: keep the comparator.
+            if (m := _COMPARED.match(raw)) and _NUMBER.match(m[2]):
+                return {"valueQuantity": self.quantity(m[2], obx, m[1])}
+            raise self.bad_value(obx, kind)
         if kind in ("DT", "DTM", "TS"):
-            when = self.when(obx, 5)
-            return {"valueDateTime": when[0]} if when else None
+            try:
+                return {"valueDateTime": parse_dtm(obx.value(5).strip())[0]}
+            except ValueError:
+                raise self.bad_value(obx, kind) from None
         if kind == "TM":
-            m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?", raw)
-            if m:
-                return {"valueTime": f"{m[1]}:{m[2] or '00'}:{m[3] or '00'}"}
-        return {"valueString": raw} if raw else None
+            m = re.fullmatch(r"(\d{2})(\d{2})?(\d{2})?(\.\d{1,4})?([+-]\d{4})?", raw)
+            if not m or int(m[1]) > 23 or int(m[2] or 0) > 59 or int(m[3] or 0) > 59:
+                raise self.bad_value(obx, kind)
+            return {"valueTime": f"{m[1]}:{m[2] or '00'}:{m[3] or '00'}"}
+        return {"valueString": raw}
+
+    def structured_numeric(self, obx: SegmentView) -> dict[str, Any] | None:
+        """SN: ``<^2.22`` a bounded quantity, ``^10^-^20`` a range, ``^1^:^128`` a ratio."""
+        comparator, num1 = self.text(obx, 5, 1, 1), self.text(obx, 5, 1, 2)
+        sep, num2 = self.text(obx, 5, 1, 3), self.text(obx, 5, 1, 4)
+        if not (comparator or num1 or sep or num2):
+            return None
+        if comparator not in ("", "=", "<", "<=", ">", ">=", "<>") or not _NUMBER.match(num1):
+            raise self.bad_value(obx, "SN")
+        if not sep and not num2:
+            if comparator == "<>":
+                raise self.bad_value(obx, "SN")
+            return {"valueQuantity": self.quantity(num1, obx, "" if comparator == "=" else
+                                                   comparator)}
+        if comparator in ("", "=") and sep == "+" and not num2:
+            return {"valueString": f"{num1}+"}  # a category: "2+"
+        if comparator not in ("", "=") or not _NUMBER.match(num2):
+            raise self.bad_value(obx, "SN")
+        if sep == "-":
+            return {"valueRange": {"low": self.quantity(num1, obx),
+                                   "high": self.quantity(num2, obx)}}
+        if sep in (":", "/"):
+            return {"valueRatio": {"numerator": {"value": _number(num1)},
+                                   "denominator": {"value": _number(num2)}}}
+        raise self.bad_value(obx, "SN")
 
     def reference_range(self, obx: SegmentView) -> dict[str, Any] | None:
         raw = self.text(obx, 7)
@@ -509,16 +613,26 @@ class _Mapper:
         }
 
     def document_content(self, obx: SegmentView, kind: str) -> None:
+        """An OBX of a TXA's document: text lines and base64 ED attachments are its content."""
         assert self.document is not None
         if kind in _NOTE_TYPES:
             _append_text(self.document, self.obx_text(obx))
-        elif kind == "ED":
+            return
+        if kind == "ED":
             data = self.text(obx, 5, 1, 5)
-            if data and self.text(obx, 5, 1, 4).upper() == "BASE64":
+            if not data:
+                return  # an ED that only names its type carries nothing
+            if self.text(obx, 5, 1, 4).upper() == "BASE64":
                 main, sub = self.text(obx, 5, 1, 2), self.text(obx, 5, 1, 3)
                 content_type = _mime(main, sub)
                 self.document["content"].append(
                     {"attachment": {"contentType": content_type, "data": data}})
+                return
+            self.warn(obx, 5, "not-supported", "OBX-5 ED data is not Base64 encoded (ED-4); "
+                      "not kept with the document")
+        elif obx.repetitions(5):
+            self.warn(obx, 2, "not-supported", f"OBX-2 {kind or 'empty'} within a TXA "
+                      "document is not note text (TX, FT) or an attachment (ED); not kept")
 
     def obx_text(self, obx: SegmentView) -> str:
         return "\n".join(self.text(obx, 5, r) for r in range(1, obx.repetitions(5) + 1))
@@ -532,9 +646,7 @@ class _Mapper:
         concept = self.concept(obx, 3)
         if concept:
             doc["type"] = concept
-        when = self.when(obx, 14)
-        if when is None and self.obr is not None:
-            when = self.when(self.obr, 7)
+        when = self.when(obx, 14) or self.obr_time
         if when is not None:
             _set_document_time(doc, when)
         _append_text(doc, self.obx_text(obx))
@@ -601,10 +713,10 @@ def _encoding(msh: SegmentView) -> Encoding:
     return Encoding(msh.value(1) or "|", *(chars + "^~\\&"[len(chars):])[:4])
 
 
-def message_to_resources(
+def map_message(
     segments: Sequence[SegmentView], *, message_index: int = 1, today: date | None = None
-) -> list[dict[str, Any]]:
-    """FHIR R4 resources (JSON dicts) for one parsed message.
+) -> MappedMessage:
+    """FHIR R4 resources (JSON dicts) for one parsed message, and what was left out.
 
     Parameters
     ----------
@@ -618,9 +730,18 @@ def message_to_resources(
     Raises
     ------
     IngestError
-        Located at the segment and field, free of patient values.
+        The message as a whole cannot be read (its MSH-12 version); located, value-free.
     NotPatientData
         When the message has no PID.
     """
     message_version(segments)
-    return _Mapper(segments, message_index, today).run()
+    mapper = _Mapper(segments, message_index, today)
+    resources = mapper.run()
+    return MappedMessage(resources, mapper.warnings, mapper.owners)
+
+
+def message_to_resources(
+    segments: Sequence[SegmentView], *, message_index: int = 1, today: date | None = None
+) -> list[dict[str, Any]]:
+    """The resources of :func:`map_message`, without its warnings."""
+    return map_message(segments, message_index=message_index, today=today).resources

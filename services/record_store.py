@@ -59,8 +59,8 @@ from fhir_adapters.fhir_json import (
     records_from_resources,
 )
 from fhir_adapters.hl7v2 import AckCode, ack_code_for, build_ack
-from fhir_adapters.hl7v2_parse import parse_fast, split_messages
-from fhir_adapters.hl7v2_to_fhir import message_to_resources
+from fhir_adapters.hl7v2_parse import parse_fast, read_messages
+from fhir_adapters.hl7v2_to_fhir import map_message
 from fhir_adapters.record import PatientIdentifier, PatientRecord
 from services.patient_store import (
     find_patients,
@@ -1060,28 +1060,34 @@ def ingest_ndjson(session: Session, data: bytes | str, *, name: str = "") -> Ing
 
 
 def ingest_hl7(session: Session, data: bytes | str) -> list[Hl7Result]:
-    """Every HL7 v2 message in ``data``, each stored on its own and answered by an ACK/NAK."""
+    """Every HL7 v2 message in ``data``, each stored on its own and answered by an ACK/NAK.
+
+    A stored message is acknowledged AA, with one ERR (severity W) per element that
+    was nulled or dropped on the way (docs/ingest-policy.md).
+    """
     try:
-        messages = split_messages(data)
+        messages = read_messages(data)
     except IngestError as exc:
         return [Hl7Result(build_ack(data, "AR", exc), "AR", None, exc)]
     answers: list[Hl7Result] = []
     changed: set[str] = set()
     for message in messages:
         try:
-            segments = parse_fast(message)
+            segments = parse_fast(message.text)
             # message_index=1 for every message: a message resent on its own, outside the
             # batch it first came in, must get the same resource ids.
-            resources = message_to_resources(segments, message_index=1)
+            mapped = map_message(segments, message_index=1)
+            resources = mapped.resources
             event = segments[0].value(9, comp=2).strip() or None
             items = [Incoming(r, f"{r['resourceType']}[{n}]") for n, r in enumerate(resources)]
             _validate(partial(records_from_resources, resources))
             # Records are rebuilt once at the end, not after every message of a feed.
             result = ingest(session, items, source="hl7v2", event=event, refresh=False)
             changed |= result.patients_changed
-            answers.append(Hl7Result(build_ack(segments, "AA"), "AA", result))
+            warnings = [*message.warnings, *mapped.warnings]
+            answers.append(Hl7Result(build_ack(segments, "AA", warnings), "AA", result))
         except IngestError as exc:
             code = ack_code_for(exc)
-            answers.append(Hl7Result(build_ack(message, code, exc), code, None, exc))
+            answers.append(Hl7Result(build_ack(message.text, code, exc), code, None, exc))
     refresh_patients(session, changed)
     return answers

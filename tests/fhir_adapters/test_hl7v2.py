@@ -275,26 +275,30 @@ def test_message_without_pid_is_not_patient_data() -> None:
 
 
 @pytest.mark.parametrize("parser", ["fast", "hl7apy"])
-def test_bad_birth_date_names_pid7_not_the_value(parser: str) -> None:
+def test_bad_birth_date_is_nulled_with_a_warning_naming_pid7_not_the_value(parser: str) -> None:
+    # Policy (issue 17): a field the patient can live without is nulled, not the message.
     text = ADT.replace(SECRET_DOB, "19611345")
-    with pytest.raises(IngestError) as info:
-        records_from_hl7(text, parser=parser)  # type: ignore[arg-type]
-    assert_located(info.value, "PID", 7)
-    assert "19611345" not in str(info.value)
-    ack = nak_for(text, info.value)
-    assert ack.split("\r")[1] == "MSA|AE|CTRL42"
+    [record] = records_from_hl7(text, parser=parser)  # type: ignore[arg-type]
+    assert record.demographics.birth_date is None
+    assert str(record.key) == "urn:oid:1.2.3.4|MRN123"
+    [warning] = record.warnings
+    assert (warning.severity, warning.segment, warning.segment_index, warning.field) == \
+        ("warning", "PID", 1, 7)
+    assert "19611345" not in str(warning)
+    ack = build_ack(text, "AA", record.warnings, control_id="ACK1")
+    assert ack.split("\r")[1] == "MSA|AA|CTRL42"
     err = ack.split("\r")[2].split("|")
-    assert err[2] == "PID^1^7" and err[3].startswith("102^")
+    assert err[2] == "PID^1^7" and err[3].startswith("102^") and err[4] == "W"
     assert "19611345" not in ack
 
 
-def test_future_birth_date_is_rejected() -> None:
+def test_future_birth_date_is_nulled_with_a_warning() -> None:
     text = ADT.replace(SECRET_DOB, "29990101")
-    with pytest.raises(IngestError) as info:
-        records_from_hl7(text)
-    assert_located(info.value, "PID", 7)
-    assert "future" in info.value.issues[0].diagnostics
-    assert "MSA|AE|CTRL42" in nak_for(text, info.value)
+    [record] = records_from_hl7(text)
+    assert record.demographics.birth_date is None
+    [warning] = record.warnings
+    assert (warning.segment, warning.field) == ("PID", 7)
+    assert "future" in warning.diagnostics and "2999" not in warning.diagnostics
 
 
 def test_unsupported_version_is_rejected() -> None:
@@ -305,11 +309,26 @@ def test_unsupported_version_is_rejected() -> None:
     assert "203^Unsupported version id" in nak_for(text, info.value)
 
 
-def test_batch_error_names_the_message() -> None:
-    text = ORU + ADT.replace(SECRET_DOB, "1961134")
+def test_a_bad_message_drops_only_itself_and_is_named() -> None:
+    # Policy (issue 17): one unreadable message drops that message, not the file.
+    text = ORU + ADT.replace("|P|2.5.1\r", "|P|3.0\r")
+    errors: list[IngestError] = []
+    records = records_from_hl7(text, source="batch.hl7", errors=errors)
+    assert [str(r.key) for r in records] == ["LABNS|MRN9"]
+    [error] = errors
+    assert "message 2" in str(error) and "batch.hl7" in str(error)
+    assert (error.issues[0].segment, error.issues[0].field) == ("MSH", 12)
+    # Without an errors list the drop is still reported, on the file's records.
+    [record] = records_from_hl7(text, source="batch.hl7")
+    assert [w.diagnostics[:10] for w in record.warnings] == ["message 2:"]
+
+
+def test_a_file_of_only_bad_messages_raises_naming_each() -> None:
+    text = ORU.replace("|P|2.5\r", "|P|3.0\r") + ADT.replace("|P|2.5.1\r", "|P|9.9\r")
     with pytest.raises(IngestError) as info:
         records_from_hl7(text, source="batch.hl7")
-    assert "message 2" in str(info.value) and "batch.hl7" in str(info.value)
+    assert "message 1" in str(info.value) and "message 2" in str(info.value)
+    assert "batch.hl7" in str(info.value)
 
 
 # --- ACK -------------------------------------------------------------------------------------
@@ -324,12 +343,11 @@ def test_ack_echoes_control_id_and_swaps_endpoints() -> None:
     assert msa == "MSA|AA|CTRL42"
 
 
-def test_pre_2_5_nak_uses_err_1() -> None:
+def test_pre_2_5_ack_uses_err_1() -> None:
     text = ORU.replace("||19800101|", "||1980xx01|").replace("|P|2.5\r", "|P|2.4\r")
-    with pytest.raises(IngestError) as info:
-        records_from_hl7(text)
-    ack = build_ack(text, "AE", info.value.issues[0], control_id="X")
-    assert ack.split("\r")[2] == "ERR|PID^1^7^102&Data type error&HL70357"
+    [record] = records_from_hl7(text)
+    ack = build_ack(text, "AA", record.warnings, control_id="X")
+    assert ack.split("\r")[1:] == ["MSA|AA|LAB7", "ERR|PID^1^7^102&Data type error&HL70357"]
 
 
 def test_shared_data_helper_skips_or_fails_under_ci(

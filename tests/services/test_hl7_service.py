@@ -140,14 +140,16 @@ def test_synthetic_feed_over_http_is_acked_and_idempotent(client: TestClient, db
 
 def test_nak_locates_the_field_and_never_echoes_values(client: TestClient,
                                                         db_engine: Engine) -> None:
-    bad = _message("BAD-1", "A01", "MRN-N-1^^^HOSP^MR").replace("19500203", "19XX0203")
+    # A bad date is nulled (AA with a warning, tests/services/test_hl7_tolerance.py); a
+    # version this receiver cannot read still refuses the whole message.
+    bad = _message("BAD-1", "A01", "MRN-N-1^^^HOSP^MR", version="3.0")
     response = _post(client, bad)
     assert response.status_code == 200
     ack = _acks(response)[0]
-    assert _msa(ack)[1:3] == ["AE", "BAD-1"]
+    assert _msa(ack)[1:3] == ["AR", "BAD-1"]
     err = next(s for s in ack if s.startswith("ERR|")).split("|")
-    assert err[2] == "PID^1^7" and err[3].startswith("102^")
-    assert "19XX" not in response.text and "MRN-N-1" not in response.text
+    assert err[2] == "MSH^1^12" and err[3].startswith("203^") and err[4] == "E"
+    assert "MRN-N-1" not in response.text
     assert _count(db_engine, PatientRow) == 0
 
     junk = _post(client, "hello, this is not HL7")
@@ -157,7 +159,7 @@ def test_nak_locates_the_field_and_never_echoes_values(client: TestClient,
     # Each message of a batch stands alone: the good one is stored, the bad one is not.
     good = _message("GOOD-1", "A01", "MRN-N-2^^^HOSP^MR")
     both = _post(client, good + bad)
-    assert [_msa(a)[1:3] for a in _acks(both)] == [["AA", "GOOD-1"], ["AE", "BAD-1"]]
+    assert [_msa(a)[1:3] for a in _acks(both)] == [["AA", "GOOD-1"], ["AR", "BAD-1"]]
     assert _count(db_engine, PatientRow) == 1
     assert _patient(db_engine, "HOSP", "MRN-N-2") is not None
 
@@ -210,15 +212,18 @@ def test_mllp_listener_acks_each_message_and_survives_bad_frames(
         sock.sendall(VT + first.encode() + FS + frame("hello"))
         acks = _read_frames(sock, 4)
         assert [_code(a) for a in acks] == ["AR", "AA", "AR", "AR"]
-        # Still serving, and a bad value is an AE naming the field only.
+        # Still serving, and a bad value is nulled: AA with a warning naming the field only.
         bad = _message("L-4", "A01", "MRN-L-4^^^HOSP^MR").replace("19500203", "19XX0203")
         sock.sendall(frame(bad) + frame(first))
         acks = _read_frames(sock, 2)
-        assert [_code(a) for a in acks] == ["AE", "AA"]
-        assert "PID^1^7" in acks[0] and "19XX" not in acks[0]
+        assert [_code(a) for a in acks] == ["AA", "AA"]
+        [err] = [s.split("|") for s in acks[0].split("\r") if s.startswith("ERR|")]
+        assert err[2:5] == ["PID^1^7", "102^Data type error^HL70357", "W"]
+        assert "19XX" not in acks[0] and "ERR|" not in acks[1]
         assert app.state.mllp.port > 0
-    assert _count(db_engine, PatientRow) == 3
-    assert _patient(db_engine, "HOSP", "MRN-L-4") is None
+    assert _count(db_engine, PatientRow) == 4
+    kept = _patient(db_engine, "HOSP", "MRN-L-4")
+    assert kept is not None and kept.record["demographics"]["birth_date"] is None
 
 
 def test_mllp_multi_message_frame_gets_one_ack_per_message(db_engine: Engine,
