@@ -164,6 +164,45 @@ def test_nak_locates_the_field_and_never_echoes_values(client: TestClient,
     assert _patient(db_engine, "HOSP", "MRN-N-2") is not None
 
 
+def test_impossible_obx14_is_acked_aa_with_a_warning_and_every_result_stored(
+        client: TestClient, db_engine: Engine) -> None:
+    obr = "OBR|1||S1|57128-1^Newborn screening panel^LN|||20170301083000-0500"
+    results = [f"OBX|{n}|NM|{46000 + n}-1^Analyte {n}^LN||{n}.5|umol/L^^UCUM|||||F|||{when}"
+               for n, when in ((1, "20170228125200-0500"), (2, "201702291252-0500"), (3, ""))]
+    text = _message("NBS-1", "R01", "NB-1^^^PHL^MR", obr, *results)
+    response = _post(client, text)
+    [ack] = _acks(response)
+    assert _msa(ack)[1:3] == ["AA", "NBS-1"]
+    assert response.headers["x-hl7-ack-codes"] == "AA"
+    [err] = [s.split("|") for s in ack if s.startswith("ERR|")]
+    assert err[2:5] == ["OBX^2^14", "102^Data type error^HL70357", "W"]
+    assert "OBX-14" in err[8] and "20170229" not in response.text
+    patient = _patient(db_engine, "PHL", "NB-1")
+    assert patient is not None
+    times = {o["code"]: o["effective"] for o in patient.record["observations"]}
+    assert times == {"46001-1": "2017-02-28T17:52:00+00:00",
+                     "46002-1": "2017-03-01T13:30:00+00:00",  # OBR-7's time
+                     "46003-1": "2017-03-01T13:30:00+00:00"}
+
+
+def test_lf_file_with_a_wrapped_field_is_stored_and_warned(client: TestClient,
+                                                          db_engine: Engine) -> None:
+    text = _message("WRAP-1", "R01", "WR-1^^^PHL^MR",
+                    "OBR|1||S2|57128-1^Newborn screening\npanel^LN|||20170301083000-0500",
+                    "OBX|1|TX|48767-8^Comment^LN||Repeat at\n48 hours||||||F",
+                    "OBX|2|XTN|18706-8^Contact^LN||^WPN^PH^^1^555^5550100||||||F")
+    response = _post(client, text.replace("\r", "\n"))
+    [ack] = _acks(response)
+    assert _msa(ack)[1:3] == ["AA", "WRAP-1"]
+    errs = [s.split("|") for s in ack if s.startswith("ERR|")]
+    assert [(e[2], e[4]) for e in errs] == [("OBR^1^4", "W"), ("OBX^1^5", "W"),
+                                            ("OBX^2^2", "W")]
+    assert "555" not in response.text
+    patient = _patient(db_engine, "PHL", "WR-1")
+    assert patient is not None
+    assert [n["text"] for n in patient.record["notes"]] == ["Repeat at 48 hours"]
+
+
 def test_media_type_size_and_role(app: FastAPI, client: TestClient, db_engine: Engine,
                                   tmp_path: Path) -> None:
     message = _message("M-1", "A01", "MRN-T-1^^^HOSP^MR")

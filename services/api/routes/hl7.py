@@ -40,8 +40,10 @@ _ACK = ("MSH|^~\\&|CLINFUSE|CLINFUSE|LAB|HOSP|20260102030401+0000||ACK^R01^ACK|"
     description="ER7 text, one message or several (each answered by its own ACK, in order, "
                 "and stored on its own). ADT^A40 merges patients (MRG-1 into PID-3), A11 "
                 "cancels the admission, A13 the discharge; results with OBX-11 W or D drop "
-                "out of the record. A NAK (AE or AR) carries ERR segments locating the "
-                "segment and field, never a value.",
+                "out of the record. A bad field is nulled and an unreadable result dropped, "
+                "and the message is still taken: AA with one ERR of severity W (ERR-4) per "
+                "element left out. AE or AR only when nothing could be stored. ERR segments "
+                "locate the segment and field, never a value.",
     dependencies=[require(Role.integration)],
     openapi_extra={"requestBody": {"required": True, "content": {ER7: {
         "schema": {"type": "string"}, "example": _EXAMPLE}}}},
