@@ -18,7 +18,7 @@ import binascii
 import difflib
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from functools import lru_cache
@@ -211,6 +211,10 @@ def _load_json(data: bytes | str, label: str | None = None) -> Any:
         raise IngestError(Issue(
             "structure", f"{prefix}malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
         )) from None
+    except RecursionError:
+        # Arrays or objects nested thousands deep: no FHIR resource is, and the parser
+        # would exhaust the stack.
+        raise IngestError(Issue("structure", f"{prefix}JSON nested too deeply")) from None
     except ValueError as e:
         raise IngestError(Issue("structure", f"{prefix}malformed JSON: {e}")) from None
 
@@ -480,12 +484,20 @@ class _Reject(Exception):
     """Internal: the issue cap was reached."""
 
 
+#: Receives each issue with its item and whether the element can be nulled (the resource
+#: lives on without it) rather than the resource dropped: see :mod:`fhir_adapters.fhir_lenient`.
+IssueSink = Callable[[_Item | None, Issue, bool], None]
+
+
 class _Ingest:
     """Resolve references and map the items of one unit (file, folder) to PatientRecords."""
 
-    def __init__(self, items: list[_Item], what: str, raw: str | None = None) -> None:
+    def __init__(self, items: list[_Item], what: str, raw: str | None = None, *,
+                 on_issue: IssueSink | None = None) -> None:
         self.what = what
         self.raw = raw
+        # Without a sink any issue rejects the unit (a transaction's all-or-nothing).
+        self.on_issue = on_issue
         self.items: list[_Item] = []
         self.issues: list[Issue] = []
         self.by_url: dict[str, _Item] = {}
@@ -507,12 +519,12 @@ class _Ingest:
         contained = r.get("contained")
         if item.container is None and contained:
             if not isinstance(contained, list):
-                self.issue(item, "contained", "structure", "must be an array")
+                self.issue(item, "contained", "structure", "must be an array", nullable=True)
                 return
             for j, sub in enumerate(contained):
                 bad = _check_resource_type(sub, f"{item.expr}.contained[{j}]", item.label)
                 if bad is not None:
-                    self.issues.append(bad)
+                    self._report(item, bad, True)
                     continue
                 sub_item = _Item(sub, f"{item.expr}.contained[{j}]", None, item.label, item)
                 sid = sub.get("id")
@@ -522,12 +534,21 @@ class _Ingest:
 
     # ---------------------------------------------------------------- issues
 
-    def issue(self, item: _Item | None, path: str, code: IssueCode, message: str) -> None:
+    def issue(self, item: _Item | None, path: str, code: IssueCode, message: str, *,
+              nullable: bool = False) -> None:
+        """Report a problem; ``nullable``: the resource can live without the element."""
         expr = item.expr if item is not None else self.what
         if path:
             expr = f"{expr}.{path}"
         label = item.label if item is not None else None
-        self.issues.append(Issue(code, f"{label}: {message}" if label else message, expr))
+        self._report(item, Issue(code, f"{label}: {message}" if label else message, expr),
+                     nullable)
+
+    def _report(self, item: _Item | None, issue: Issue, nullable: bool) -> None:
+        if self.on_issue is not None:
+            self.on_issue(item, issue, nullable)
+            return
+        self.issues.append(issue)
         if len(self.issues) >= _MAX_ISSUES:
             raise _Reject
 
@@ -612,8 +633,11 @@ class _Ingest:
                 if _is_internal(ref) and self.resolve(ref, item) is None:
                     kind = "contained resource" if ref.startswith("#") else "entry"
                     in_what = "this resource" if ref.startswith("#") else f"this {self.what}"
+                    # Only an unresolved subject loses the resource its patient.
+                    subject = _SUBJECT.get(item.rt)
                     self.issue(item, path, "not-found",
-                               f"reference does not resolve to any {kind} in {in_what}")
+                               f"reference does not resolve to any {kind} in {in_what}",
+                               nullable=path != f"{subject}.reference")
 
     def _internal_references_resolve_quickly(self, raw: str) -> bool:
         """True when a scan of the JSON text proves every internal reference resolves.
@@ -663,8 +687,7 @@ class _Ingest:
 
     def run(self) -> list[PatientRecord]:
         try:
-            self.check_internal_references()
-            records = self._map_all()
+            records = self.map_records()
         except _Reject:
             records = {}
         if self.issues:
@@ -673,6 +696,11 @@ class _Ingest:
             raise NotPatientData(Issue("not-supported", self._no_patient_reason(), self.what
                                        if self.what in R4_RESOURCE_TYPES else None))
         return list(records.values())
+
+    def map_records(self) -> dict[tuple[Any, ...], PatientRecord]:
+        """The records by patient slot (see :meth:`patient_slot`); issues go to the sink."""
+        self.check_internal_references()
+        return self._map_all()
 
     def _map_all(self) -> dict[tuple[Any, ...], PatientRecord]:
         records: dict[tuple[Any, ...], PatientRecord] = {}
@@ -776,27 +804,36 @@ class _Ingest:
             elif name in ("status", "intent") and not isinstance(r[name], str):
                 self.issue(item, name, "structure", "must be a code (a JSON string)")
 
-    def dt(self, item: _Item, path: str, value: Any, *, past: bool = True) -> datetime | None:
-        """Parse a FHIR dateTime element; issues for malformed or future values."""
+    def dt(self, item: _Item, path: str, value: Any, *, past: bool = True,
+           nullable: bool = True) -> datetime | None:
+        """Parse a FHIR dateTime element; issues for malformed or future values.
+
+        A bad time is nullable by default: the resource reads as if it had none.
+        """
         if value is None:
             return None
         if not isinstance(value, str):
-            self.issue(item, path, "structure", "must be a dateTime (a JSON string)")
+            self.issue(item, path, "structure", "must be a dateTime (a JSON string)",
+                       nullable=nullable)
             return None
         try:
             when = parse_fhir_datetime(value)
         except ValueError:
-            self.issue(item, path, "value", "is not a valid FHIR dateTime")
+            self.issue(item, path, "value", "is not a valid FHIR dateTime", nullable=nullable)
             return None
         if past and when > self.now + _FUTURE_SLACK:
-            self.issue(item, path, "value", "is in the future; a recorded event cannot be")
+            self.issue(item, path, "value", "is in the future; a recorded event cannot be",
+                       nullable=nullable)
+            return None
         return when
 
-    def num(self, item: _Item, path: str, value: Any) -> float | None:
+    def num(self, item: _Item, path: str, value: Any, *, nullable: bool = False
+            ) -> float | None:
         if value is None:
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
-            self.issue(item, path, "structure", "must be a decimal (a JSON number)")
+            self.issue(item, path, "structure", "must be a decimal (a JSON number)",
+                       nullable=nullable)
             return None
         return float(value)
 
@@ -808,7 +845,8 @@ class _Ingest:
         key: PatientIdentifier | None = None
         for i, ident in enumerate(_list(r.get("identifier"))):
             if not isinstance(ident, dict):
-                self.issue(item, f"identifier[{i}]", "structure", "must be an object")
+                self.issue(item, f"identifier[{i}]", "structure", "must be an object",
+                           nullable=True)
                 continue
             system, value = ident.get("system"), ident.get("value")
             if not (isinstance(system, str) and system and isinstance(value, str) and value):
@@ -827,11 +865,12 @@ class _Ingest:
             try:
                 birth = parse_fhir_date(raw) if isinstance(raw, str) else None
                 if birth is None:
-                    self.issue(item, "birthDate", "structure", "must be a date (a JSON string)")
+                    self.issue(item, "birthDate", "structure", "must be a date (a JSON string)",
+                               nullable=True)
             except ValueError:
-                self.issue(item, "birthDate", "value", "is not a valid FHIR date")
+                self.issue(item, "birthDate", "value", "is not a valid FHIR date", nullable=True)
             if birth is not None and birth > (self.now + _FUTURE_SLACK).date():
-                self.issue(item, "birthDate", "value", "is in the future")
+                self.issue(item, "birthDate", "value", "is in the future", nullable=True)
                 birth = None
 
         race, race_text = _omb_extension(r, US_CORE_RACE)
@@ -860,12 +899,15 @@ class _Ingest:
         if "deceasedDateTime" in r:
             when = self.dt(item, "deceasedDateTime", r["deceasedDateTime"])
             if when is not None and birth is not None and when.date() < birth:
-                self.issue(item, "deceasedDateTime", "invariant", "is before birthDate")
+                self.issue(item, "deceasedDateTime", "invariant", "is before birthDate",
+                           nullable=True)
+                when = None
             outcome = Outcome(deceased=True, deceased_time=when)
         elif "deceasedBoolean" in r:
             flag = r["deceasedBoolean"]
             if not isinstance(flag, bool):
-                self.issue(item, "deceasedBoolean", "structure", "must be a JSON boolean")
+                self.issue(item, "deceasedBoolean", "structure", "must be a JSON boolean",
+                           nullable=True)
             else:
                 outcome = Outcome(deceased=flag)
         rid = r.get("id") if isinstance(r.get("id"), str) else None
@@ -901,7 +943,8 @@ class _Ingest:
             path = f"component[{j}]"
             if not isinstance(comp, dict) or not comp.get("code"):
                 self.issue(item, f"{path}.code", "required",
-                           "Observation.component.code is required (R4 1..1) and missing")
+                           "Observation.component.code is required (R4 1..1) and missing",
+                           nullable=True)
                 continue
             c_code, c_system, c_display = _coding_of(comp.get("code"), LOINC)
             c_value, c_unit, _ = self._value(item, comp, path + ".")
@@ -942,7 +985,7 @@ class _Ingest:
                     self.issue(item, prefix + key, "structure", "must be a JSON string")
                     return None, None, True
                 if key == "valueDateTime":
-                    self.dt(item, prefix + key, v, past=False)
+                    self.dt(item, prefix + key, v, past=False, nullable=False)
                 return v, None, True
         if "valueBoolean" in obj:
             v = obj["valueBoolean"]
@@ -964,10 +1007,10 @@ class _Ingest:
             if not isinstance(rr, dict):
                 continue
             low, high = rr.get("low"), rr.get("high")
-            lo = self.num(item, f"{path}[{i}].low.value", low.get("value")) if isinstance(
-                low, dict) else None
-            hi = self.num(item, f"{path}[{i}].high.value", high.get("value")) if isinstance(
-                high, dict) else None
+            lo = self.num(item, f"{path}[{i}].low.value", low.get("value"),
+                          nullable=True) if isinstance(low, dict) else None
+            hi = self.num(item, f"{path}[{i}].high.value", high.get("value"),
+                          nullable=True) if isinstance(high, dict) else None
             if lo is not None or hi is not None:
                 return lo, hi
         return None, None
@@ -1046,17 +1089,19 @@ class _Ingest:
         for j, s in enumerate(_list(r.get("series"))):
             path = f"series[{j}]"
             if not isinstance(s, dict):
-                self.issue(item, path, "structure", "must be an object")
+                self.issue(item, path, "structure", "must be an object", nullable=True)
                 continue
             uid = s.get("uid")
             if not isinstance(uid, str) or not uid:
                 self.issue(item, f"{path}.uid", "required",
-                           "ImagingStudy.series.uid is required (R4 1..1) and missing")
+                           "ImagingStudy.series.uid is required (R4 1..1) and missing",
+                           nullable=True)
                 continue
             modality = s.get("modality")
             if not isinstance(modality, dict) or not modality.get("code"):
                 self.issue(item, f"{path}.modality", "required",
-                           "ImagingStudy.series.modality is required (R4 1..1) and missing")
+                           "ImagingStudy.series.modality is required (R4 1..1) and missing",
+                           nullable=True)
                 continue
             body = s.get("bodySite")
             n = s.get("numberOfInstances")
@@ -1083,7 +1128,7 @@ class _Ingest:
             for path, att in attachments:
                 if not isinstance(att, dict):
                     self.issue(item, path, "required", "DocumentReference.content.attachment is "
-                               "required (R4 1..1) and missing")
+                               "required (R4 1..1) and missing", nullable=True)
         else:
             note_type = _cc_code(r.get("code"), LOINC)
             time = self._effective(item, r)
@@ -1111,12 +1156,13 @@ class _Ingest:
         ctype = att.get("contentType")
         mime, charset = _parse_content_type(ctype if isinstance(ctype, str) else "text/plain")
         if not isinstance(data, str):
-            self.issue(item, f"{path}.data", "structure", "must be base64 text (a JSON string)")
+            self.issue(item, f"{path}.data", "structure", "must be base64 text (a JSON string)",
+                       nullable=True)
             return None
         try:
             raw = base64.b64decode(_WS_RE.sub("", data), validate=True)
         except (binascii.Error, ValueError):
-            self.issue(item, f"{path}.data", "value", "is not valid base64")
+            self.issue(item, f"{path}.data", "value", "is not valid base64", nullable=True)
             return None
         if not mime.startswith("text/"):
             return None
@@ -1124,10 +1170,10 @@ class _Ingest:
             return raw.decode(charset or "utf-8")
         except LookupError:
             self.issue(item, f"{path}.contentType", "not-supported",
-                       "names a charset Python does not know")
+                       "names a charset Python does not know", nullable=True)
         except UnicodeDecodeError as e:
             self.issue(item, f"{path}.data", "value",
-                       f"is not valid {charset or 'utf-8'} text (byte {e.start})")
+                       f"is not valid {charset or 'utf-8'} text (byte {e.start})", nullable=True)
         return None
 
     def _map_coverage(self, item: _Item) -> list[str]:

@@ -262,7 +262,9 @@ def test_hash_reference_in_a_resource_without_contained() -> None:
 # --------------------------------------------------------------------------- nothing half-ingested
 
 
-def test_one_bad_entry_rejects_the_whole_file(tmp_path: Path) -> None:
+def test_one_bad_entry_drops_that_entry_and_strict_rejects_the_whole_file(
+        tmp_path: Path) -> None:
+    # Issue 17's policy: a file is not a transaction; strict keeps all-or-nothing.
     good = _bundle(_patient(), _obs())
     bad_obs = _obs()
     del bad_obs["status"]
@@ -270,10 +272,23 @@ def test_one_bad_entry_rejects_the_whole_file(tmp_path: Path) -> None:
     (tmp_path / "good.json").write_text(json.dumps(good))
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     records, errors = read_records([tmp_path])
+    assert errors == []
+    by_key = {str(r.key): r for r in records}
+    assert set(by_key) == {f"urn:mrn|{SECRET_ID}", "urn:mrn|OTHER"}
+    kept = by_key["urn:mrn|OTHER"]
+    assert len(kept.observations) == 1
+    [warning] = kept.warnings
+    assert warning.severity == "warning"
+    assert warning.expression == "Bundle.entry[2].resource.status"
+    assert warning.diagnostics.startswith(str(tmp_path / "bad.json"))
+    assert warning.diagnostics.endswith("the resource was dropped")
+    assert by_key[f"urn:mrn|{SECRET_ID}"].warnings == []
+
+    records, errors = read_records([tmp_path], strict=True)
     assert [str(r.key) for r in records] == [f"urn:mrn|{SECRET_ID}"]
-    assert len(records[0].observations) == 1
     [error] = errors
     assert error.source is not None and error.source.endswith("bad.json")
+    assert "Bundle.entry[2].resource.status" in {i.expression for i in error.issues}
 
 
 def test_many_problems_are_all_reported_at_once() -> None:
