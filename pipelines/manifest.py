@@ -11,11 +11,13 @@ sensitive columns are kept for audits and left out of the features unless
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import yaml
 
@@ -75,7 +77,8 @@ class CohortManifest:
         if "note_path" in self.frame:
             for i, v in enumerate(self.frame["note_path"]):
                 if out[i] is None and not _blank(v):
-                    out[i] = (self.root / str(v)).read_text(encoding="utf-8")
+                    out[i] = _read_note(self.root / str(v), f"{self.path}: column "
+                                        f"'note_path' on line {i + 2}")
         return out
 
     def modalities_present(self) -> pd.DataFrame:
@@ -88,6 +91,17 @@ class CohortManifest:
             "note": [n is not None for n in self.notes()],
             "ehr": has_ehr.to_list(),
         }, index=self.frame.index)
+
+
+def _read_note(path: Path, where: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"{where} names a file that is not UTF-8 text (invalid byte at "
+                            f"offset {exc.start})") from None
+    except OSError as exc:
+        raise ManifestError(f"{where} names a file that cannot be read "
+                            f"({exc.strerror or type(exc).__name__})") from None
 
 
 def _blank(value: object) -> bool:
@@ -122,9 +136,9 @@ def read_manifest(
     manifest = CohortManifest(
         path=path,
         frame=frame,
-        sensitive=list(sensitive if sensitive is not None else sidecar.get("sensitive", [])),
+        sensitive=list(sensitive if sensitive is not None else sidecar.get("sensitive") or []),
         categorical=list(categorical if categorical is not None
-                         else sidecar.get("categorical", [])),
+                         else sidecar.get("categorical") or []),
         include_sensitive=bool(include_sensitive if include_sensitive is not None
                                else sidecar.get("include_sensitive", False)),
         sidecar=sidecar,
@@ -138,9 +152,15 @@ def _read_table(path: Path) -> pd.DataFrame:
         if path.suffix.lower() in {".parquet", ".pq"}:
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, dtype={"example_id": str, "patient_id": str,
-                                             "image": str, "note": str, "note_path": str},
-                                keep_default_na=True)
+            with warnings.catch_warnings():
+                # Rows longer than the header: pandas would otherwise drop their extra cells
+                # (index_col=False) or silently shift every column onto the row index.
+                warnings.simplefilter("error", pd.errors.ParserWarning)
+                frame = pd.read_csv(path, dtype={"example_id": str, "patient_id": str,
+                                                 "image": str, "note": str, "note_path": str},
+                                    keep_default_na=True, index_col=False)
+    except pd.errors.ParserWarning:
+        raise ManifestError(f"{path}: rows have more cells than the header") from None
     except (ValueError, OSError, pd.errors.ParserError) as exc:
         raise ManifestError(f"{path}: not a readable CSV/Parquet table ({type(exc).__name__})"
                             ) from None
@@ -155,16 +175,24 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
         return {}
     try:
         data = yaml.safe_load(sidecar.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{sidecar}: invalid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise ManifestError(f"{sidecar}: expected a mapping at the top level")
+    for key in ("sensitive", "categorical"):
+        value = data.get(key)
+        if value is not None and not (isinstance(value, list) and
+                                      all(isinstance(v, str) for v in value)):
+            raise ManifestError(f"{sidecar}: '{key}' must be a list of column names")
+    if not isinstance(data.get("include_sensitive", False), bool):
+        raise ManifestError(f"{sidecar}: 'include_sensitive' must be true or false")
     return data
 
 
 def _rows(mask: pd.Series) -> str:
-    # Row numbers as a spreadsheet shows them (header is line 1), first few only.
-    lines = [str(int(i) + 2) for i in mask[mask].index[:5]]
+    # Row numbers as a spreadsheet shows them (header is line 1), first few only; by
+    # position, since the index need not be 0..n-1.
+    lines = [str(int(i) + 2) for i in np.flatnonzero(mask.to_numpy())[:5]]
     more = "" if mask.sum() <= 5 else f" and {int(mask.sum()) - 5} more"
     return ", ".join(lines) + more
 

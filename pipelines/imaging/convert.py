@@ -9,6 +9,7 @@ from typing import TextIO
 
 import nibabel as nib
 import numpy as np
+from nibabel.spatialimages import HeaderDataError
 from pydicom.dataset import Dataset
 
 from pipelines.imaging.cache import VolumeCache, series_key
@@ -117,16 +118,35 @@ def _single_frame(ds: Dataset) -> bool:
         "PerFrameFunctionalGroupsSequence" not in ds
 
 
-def volume_to_nifti(volume: Volume) -> nib.Nifti1Image:
-    """A NIfTI-1 image of the volume; RGB volumes are written as NIfTI RGB24."""
+def volume_to_nifti(volume: Volume, source: str | None = None) -> nib.Nifti1Image:
+    """A NIfTI-1 image of the volume; RGB volumes are written as NIfTI RGB24.
+
+    Raises
+    ------
+    ImageError
+        The affine cannot be written as NIfTI qform/sform: not finite, or singular
+        (zero spacing, or parallel ImageOrientationPatient cosines).
+    """
+    affine = volume.affine
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) < 1e-12:
+        raise ImageError("cannot write NIfTI: the voxel-to-patient affine is singular or not "
+                         "finite (zero spacing, or parallel ImageOrientationPatient "
+                         "direction cosines)", source=source)
     array = volume.array
     if volume.metadata.get("ColorChannels"):
         rgb = np.ascontiguousarray(array.astype(np.uint8))
         array = rgb.view(np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))[..., 0]
     image = nib.Nifti1Image(array, volume.affine)
     image.header.set_xyzt_units("mm", "sec")
-    image.set_sform(volume.affine, code=1)
-    image.set_qform(volume.affine, code=1)
+    image.set_sform(affine, code=1)
+    try:
+        image.set_qform(affine, code=1)
+    except HeaderDataError as exc:
+        # nibabel cannot decompose an affine with a shear (orientation cosines that are
+        # not orthogonal) into a quaternion: name it instead of its traceback.
+        raise ImageError("cannot write NIfTI: the voxel-to-patient affine is not a rotation "
+                         "and scaling (ImageOrientationPatient cosines not orthogonal?)",
+                         source=source) from exc
     return image
 
 
@@ -155,7 +175,7 @@ def dicom_to_nifti(src: Path, out: Path, *, resample: bool = False) -> Volume:
         raise ImageError("source is already NIfTI, not DICOM", source=str(src))
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        nib.save(volume_to_nifti(volume), out)
+        nib.save(volume_to_nifti(volume, source=str(src)), out)
     except OSError as exc:
         raise ImageError(f"cannot write NIfTI: {exc}", source=str(out)) from exc
     return volume

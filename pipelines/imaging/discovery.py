@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import VR as VR_
 
 from pipelines.imaging.decode import transfer_syntax
 from pipelines.imaging.header import header_value
@@ -24,6 +25,7 @@ from pipelines.imaging.volume import ImageError
 __all__ = ["DicomInstance", "Discovery", "Rejected", "discover", "read_dicom"]
 
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+_KNOWN_VRS = frozenset(VR_.__members__.values())
 # Attributes that a real dataset without File Meta still carries at least one of; garbage
 # bytes forced through the parser essentially never produce these tags.
 _IDENTIFYING = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
@@ -80,13 +82,16 @@ def read_dicom(data: Path | bytes, source: str | None = None) -> Dataset:
         return io.BytesIO(data) if isinstance(data, bytes) else str(data)
 
     try:
-        return pydicom.dcmread(_open())
+        ds = pydicom.dcmread(_open())
     except InvalidDicomError:
         pass  # no preamble/'DICM': maybe a raw dataset, tried below with force=True
     except FileNotFoundError as exc:
         raise ImageError("file not found", source=name) from exc
     except Exception as exc:  # pydicom raises many types on corrupt headers
         raise ImageError(f"unreadable DICOM header: {_first_line(exc)}", source=name) from exc
+    else:
+        _check_vrs(ds, name)
+        return ds
     try:
         ds = pydicom.dcmread(_open(), force=True)
         # Touch every element: garbage bytes often fail only when values are converted.
@@ -99,6 +104,21 @@ def read_dicom(data: Path | bytes, source: str | None = None) -> Dataset:
         raise ImageError("not DICOM (no Part-10 header, and forcing it yields no "
                          "identifying DICOM attributes)", source=name)
     return ds
+
+
+def _check_vrs(ds: Dataset, source: str) -> None:
+    """Refuse an element whose explicit VR pydicom cannot convert (a corrupt header byte).
+
+    Values are converted lazily, so without this the file reads and then fails with
+    pydicom's NotImplementedError wherever the element is first used. Only the raw
+    elements' VR codes are looked at; no value is converted here.
+    """
+    # The raw store itself: Dataset.elements() converts private elements as it goes.
+    for elem in ds._dict.values():
+        vr = elem.VR
+        if vr is not None and vr not in _KNOWN_VRS:
+            raise ImageError(f"unreadable DICOM header: element {elem.tag} has an unknown "
+                             "value representation", source=source)
 
 
 def _plausible_tags(ds: Dataset) -> bool:

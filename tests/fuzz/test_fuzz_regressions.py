@@ -1,0 +1,169 @@
+"""One minimal reproducer per crash class the parser fuzzer found (benchmarks/fuzz_parsers.py).
+
+Each input is built here; before its fix each raised a traceback (the exception named in
+the test's docstring) instead of the project's located error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from fhir_adapters.errors import IngestError
+from fhir_adapters.fhir_json import records_from_json
+from pipelines.imaging.convert import dicom_to_nifti, volume_to_nifti
+from pipelines.imaging.discovery import read_dicom
+from pipelines.imaging.volume import ImageError, Volume
+from pipelines.manifest import ManifestError, read_manifest
+
+
+def ct_slice(path: Path, *, orientation: list[float] | None = None) -> Path:
+    """A 4x3 16-bit CT slice with full geometry, explicit VR little endian."""
+    from pydicom.dataset import Dataset
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, ds.file_meta.MediaStorageSOPInstanceUID
+    ds.Modality, ds.PatientName = "CT", "Fuzz^Regression"
+    ds.SeriesInstanceUID, ds.FrameOfReferenceUID = generate_uid(), generate_uid()
+    ds.ImagePositionPatient = [0, 0, 0]
+    ds.ImageOrientationPatient = orientation or [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 2
+    ds.Rows, ds.Columns = 3, 4
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleIntercept, ds.RescaleSlope = -1024, 1
+    ds.PixelData = np.arange(12, dtype="<u2").tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+# --------------------------------------------------------------------------- FHIR
+
+
+def test_json_nested_deeper_than_the_stack_is_refused_not_recursion_error() -> None:
+    """RecursionError from json.loads on arrays nested 100,000 deep."""
+    text = '{"resourceType": "Patient", "name": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(IngestError) as caught:
+        records_from_json(text, source="deep.json")
+    assert str(caught.value) == "deep.json: input: JSON nested too deeply"
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def test_unknown_vr_in_header_refused_naming_the_element(tmp_path: Path) -> None:
+    """NotImplementedError ("Unknown Value Representation") from pydicom when a corrupted
+    VR byte reached the first use of the element (RescaleIntercept, here)."""
+    path = ct_slice(tmp_path / "ct.dcm")
+    data = path.read_bytes()
+    tag = b"\x28\x00\x52\x10DS"  # (0028,1052) RescaleIntercept, explicit VR 'DS'
+    assert data.count(tag) == 1
+    path.write_bytes(data.replace(tag, b"\x28\x00\x52\x10DC"))
+    with pytest.raises(ImageError) as caught:
+        read_dicom(path)
+    assert caught.value.source == str(path)
+    assert caught.value.reason == ("unreadable DICOM header: element (0028,1052) has an "
+                                   "unknown value representation")
+    with pytest.raises(ImageError, match=r"no DICOM image series found .*\(0028,1052\)"):
+        dicom_to_nifti(path, tmp_path / "out.nii")
+
+
+@pytest.mark.parametrize("affine", [
+    np.diag([0.0, 0.0, 1.0, 1.0]),                   # zero spacing: singular
+    np.diag([np.nan, 1.0, 1.0, 1.0]),                # not finite
+    np.array([[1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], dtype=float),
+])
+def test_affine_nifti_cannot_hold_is_refused_not_header_data_error(affine: np.ndarray) -> None:
+    """nibabel's HeaderDataError ("Could not decompose affine") from volume_to_nifti; the
+    last affine has parallel row and column directions."""
+    volume = Volume(np.zeros((4, 3), dtype=np.float32), affine)
+    with pytest.raises(ImageError) as caught:
+        volume_to_nifti(volume, source="ct.dcm")
+    assert caught.value.source == "ct.dcm"
+    assert caught.value.reason.startswith("cannot write NIfTI: the voxel-to-patient affine")
+
+
+# --------------------------------------------------------------------------- manifests
+
+
+def write_manifest(folder: Path, csv: str, sidecar: bytes | None = None) -> Path:
+    path = folder / "manifest.csv"
+    path.write_text(csv)
+    if sidecar is not None:
+        path.with_suffix(".yaml").write_bytes(sidecar)
+    return path
+
+
+CSV = "patient_id,label,age,sex\np1,0,40,F\np2,1,51,M\n"
+
+
+@pytest.mark.parametrize(("sidecar", "reason"), [
+    (b"sensitive: 5\n", "'sensitive' must be a list of column names"),
+    (b"categorical: {a: 1}\n", "'categorical' must be a list of column names"),
+    (b"sensitive: [sex, [age]]\n", "'sensitive' must be a list of column names"),
+    (b"include_sensitive: 'no'\n", "'include_sensitive' must be true or false"),
+    (b"sensitive: [sex]\n\xff\xfe\n", "invalid YAML (UnicodeDecodeError)"),
+])
+def test_sidecar_of_the_wrong_shape_is_refused(tmp_path: Path, sidecar: bytes,
+                                               reason: str) -> None:
+    """TypeError from list(5), and UnicodeDecodeError from a non-UTF-8 sidecar."""
+    path = write_manifest(tmp_path, CSV, sidecar)
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == f"{path.with_suffix('.yaml')}: {reason}"
+
+
+def test_empty_sidecar_lists_mean_none(tmp_path: Path) -> None:
+    """TypeError from list(None) for ``sensitive:`` left empty in the sidecar."""
+    path = write_manifest(tmp_path, "patient_id,label,age\np1,0,40\n",
+                          b"sensitive:\ncategorical:\n")
+    manifest = read_manifest(path)
+    assert manifest.sensitive == [] and manifest.categorical == []
+    assert manifest.feature_columns == ["age"]
+
+
+def test_rows_longer_than_the_header_are_refused_not_shifted(tmp_path: Path) -> None:
+    """ValueError from int('p1') in the row-number helper: pandas had made the first
+    column the index, shifting every column left by one."""
+    path = write_manifest(tmp_path, "patient_id,label,age\np1,0,40,x\np2,1,51,y\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == f"{path}: rows have more cells than the header"
+
+
+def test_bad_label_lines_counted_by_position_whatever_the_index(tmp_path: Path) -> None:
+    """Row numbers come from positions: a Parquet manifest keeps its own (string) index."""
+    path = tmp_path / "manifest.parquet"
+    pd.DataFrame({"patient_id": ["p1", "p2", "p3"], "label": [0, 1, 7]},
+                 index=["a", "b", "c"]).to_parquet(path)
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == (f"{path}: column 'label' must be 0 or 1; line(s) 4 are not")
+
+
+@pytest.mark.parametrize(("target", "reason"), [
+    ("notes/binary.txt", "names a file that is not UTF-8 text (invalid byte at offset 0)"),
+    ("notes", "names a file that cannot be read (Is a directory)"),
+])
+def test_unreadable_note_file_is_refused_naming_the_line(tmp_path: Path, target: str,
+                                                         reason: str) -> None:
+    """UnicodeDecodeError / IsADirectoryError from CohortManifest.notes()."""
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "ok.txt").write_text("Stable overnight.")
+    (tmp_path / "notes" / "binary.txt").write_bytes(b"\x89PNG\r\n\x1a\n")
+    path = write_manifest(tmp_path, f"patient_id,label,note_path\np1,0,notes/ok.txt\n"
+                                    f"p2,1,{target}\n")
+    manifest = read_manifest(path)
+    with pytest.raises(ManifestError) as caught:
+        manifest.notes()
+    assert str(caught.value) == f"{path}: column 'note_path' on line 3 {reason}"
