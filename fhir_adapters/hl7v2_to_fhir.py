@@ -468,7 +468,8 @@ class _Mapper:
         try:
             if kind in _VALUE_TYPES:
                 self.observation(obx, kind)
-            elif obx.repetitions(5):
+            elif obx.repetitions(5) and (kind != "ED" or self.text(obx, 5, 1, 5)):
+                # (An ED that only names its type, without ED-5 data, carries nothing.)
                 raise _Dropped(self.issue(obx, 2, "not-supported", _unkept(kind)))
         except _Dropped as dropped:
             self.warnings.append(dropped.issue)

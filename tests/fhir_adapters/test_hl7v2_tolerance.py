@@ -240,6 +240,11 @@ def test_types_without_a_home_are_dropped_with_a_warning(kind: str, value: str) 
     assert err.split("|")[2:5] == ["OBX^2^2", "103^Table value not found^HL70357", "W"]
 
 
+def test_an_ed_without_data_carries_nothing_and_is_not_warned() -> None:
+    record = one_record(oru(nm(1), "OBX|2|ED|11502-2^Report^LN||^AP^PDF^Base64^||||||F"))
+    assert len(record.observations) == 1 and record.notes == [] and record.warnings == []
+
+
 def test_xtn_warning_says_contact_data() -> None:
     text = oru(nm(1), "OBX|2|XTN|18706-8^Contact^LN||^WPN^PH^^1^555^5550100||||||F")
     [warning] = one_record(text).warnings
