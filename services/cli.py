@@ -14,20 +14,16 @@ log = logging.getLogger("clinfuse")
 
 
 def _records(args: argparse.Namespace) -> int:
-    from fhir_adapters.errors import NotPatientData
-    from fhir_adapters.sources import read_records
+    from fhir_adapters.sources import read_sources
 
-    records, errors = read_records([Path(p) for p in args.paths], strict=args.strict)
-    for record in records:
+    report = read_sources([Path(p) for p in args.paths], strict=args.strict,
+                          max_decompressed=args.max_decompressed << 20)
+    # stdout carries only the JSON lines, so it can be piped; everything else is stderr.
+    for record in report.records:
         view = record.as_of(args.as_of) if args.as_of else record
         sys.stdout.write(json.dumps(view.to_json(), ensure_ascii=False) + "\n")
-    failed = 0
-    for error in errors:
-        kind = "skipped" if isinstance(error, NotPatientData) else "rejected"
-        failed += kind == "rejected"
-        sys.stderr.write(f"{kind}: {error}\n")
-    sys.stderr.write(f"{len(records)} patient record(s); {len(errors)} file(s) not ingested\n")
-    return 1 if failed else 0
+    sys.stderr.writelines(line + "\n" for line in report.stderr_lines())
+    return report.exit_code(strict=args.strict)
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -307,16 +303,36 @@ def _cohort_export(args: argparse.Namespace) -> int:
     return 0
 
 
+_RECORDS_EPILOG = """\
+stdout: one JSON line per patient, with its "warnings" (what was nulled or dropped).
+stderr: each warning, each file skipped (not patient data) or rejected, with the reason,
+        then a summary line.
+exit codes:
+  0  records were produced, with or without warnings
+  1  nothing could be used: no record
+  2  bad arguments
+  3  --strict: records were produced, but a file was rejected
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clinfuse", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("records", help="print the patient records found in FHIR/HL7 files "
-                                       "as JSON lines, one per patient")
-    p.add_argument("paths", nargs="+", help="files or folders (FHIR JSON/NDJSON, HL7 v2)")
+                                       "as JSON lines, one per patient",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog=_RECORDS_EPILOG)
+    p.add_argument("paths", nargs="+", help="files or folders (FHIR JSON/NDJSON, "
+                                            ".ndjson.gz, HL7 v2)")
     p.add_argument("--strict", action="store_true",
-                   help="validate every FHIR resource with fhir.resources (R4B)")
+                   help="all or nothing per file: validate every FHIR resource with "
+                        "fhir.resources (R4B) and reject a file (or a bulk export) for any "
+                        "problem instead of dropping the bad element")
+    p.add_argument("--max-decompressed", type=_positive_int, default=1024, metavar="MIB",
+                   help="refuse a .gz file that decompresses to more than this (default "
+                        "%(default)s MiB)")
     p.add_argument("--as-of", type=_iso_time, default=None, metavar="TIME",
                    help="print each record as of this ISO 8601 time (the leakage-safe view)")
     p.set_defaults(func=_records)

@@ -8,7 +8,6 @@ with a warning naming the file and line (or Bundle entry) and never a patient's 
 
 from __future__ import annotations
 
-import base64
 import gzip
 import json
 from datetime import UTC, datetime
@@ -21,80 +20,18 @@ from fhir_adapters.bounded_gzip import gunzip_bounded
 from fhir_adapters.errors import IngestError, NotPatientData
 from fhir_adapters.fhir_lenient import read_document, read_ndjson
 from fhir_adapters.sources import read_file, read_sources
+from tests.fhir_adapters.bulk_export import (
+    PATIENTS,
+    SECRET_NAME,
+    client_log,
+    condition,
+    export_folder,
+    ndjson,
+    observation,
+    patient,
+)
 
-SECRET_NAME = "Zebulon-Quixotic"
-PATIENTS = 13
 PID = "urn:uuid:22222222-2222-4222-8222-222222222222"
-
-
-def _patient(i: int) -> dict[str, Any]:
-    return {"resourceType": "Patient", "id": f"p{i}",
-            "identifier": [{"system": "urn:mrn", "value": f"MRN{i:03d}"}],
-            "name": [{"family": SECRET_NAME}], "gender": "female", "birthDate": "1950-02-03"}
-
-
-def _obs(i: int, **extra: Any) -> dict[str, Any]:
-    return {"resourceType": "Observation", "id": f"o{i}", "status": "final",
-            "code": {"coding": [{"system": "http://loinc.org", "code": "2339-0"}]},
-            "subject": {"reference": f"Patient/p{i}"},
-            "effectiveDateTime": "2019-01-01T08:00:00Z",
-            "valueQuantity": {"value": 5.0 + i, "code": "mmol/L"}, **extra}
-
-
-def _condition(i: int) -> dict[str, Any]:
-    return {"resourceType": "Condition", "id": f"c{i}",
-            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "44054006"}]},
-            "subject": {"reference": f"Patient/p{i}"}, "onsetDateTime": "2015-06-01"}
-
-
-def _document(i: int) -> dict[str, Any]:
-    text = base64.b64encode(f"Seen in clinic, visit {i}.".encode()).decode()
-    return {"resourceType": "DocumentReference", "id": f"d{i}", "status": "current",
-            "subject": {"reference": f"Patient/p{i}"}, "date": "2019-01-02T09:00:00Z",
-            "content": [{"attachment": {"contentType": "text/plain", "data": text}}]}
-
-
-def _ndjson(resources: list[dict[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in resources)
-
-
-def _client_log() -> str:
-    """The smart-on-fhir bulk-data-client's log.ndjson: one event per line, no FHIR."""
-    export = "https://bulk.example.org/fhir/$export?_type=Patient,Condition"
-    events = [
-        {"eventId": "kickoff", "eventDetail": {"exportUrl": export, "errorCode": None,
-                                               "softwareName": "Example FHIR Server"}},
-        {"eventId": "status_progress", "eventDetail": {"body": None, "xProgress": "50%",
-                                                       "retryAfter": "5"}},
-        {"eventId": "status_complete", "eventDetail": {"transactionTime":
-                                                       "2024-05-01T10:00:00Z"}},
-        {"eventId": "manifest_complete", "eventDetail": {"outputFileCount": 4,
-                                                         "errorFileCount": 0}},
-        {"eventId": "download_complete", "eventDetail": {"fileUrl": "https://bulk.example.org/"
-                                                         "files/Patient.ndjson",
-                                                         "resourceCount": PATIENTS}},
-        {"eventId": "export_complete", "eventDetail": {"files": 4, "resources": 52,
-                                                       "duration": 6012}},
-    ]
-    return "".join(json.dumps({"exportId": "0f4c6c8e", "timestamp": "2024-05-01T10:00:0"
-                                f"{n}Z", **e}) + "\n" for n, e in enumerate(events))
-
-
-def _export(folder: Path) -> Path:
-    """A bulk export of 13 patients as a client leaves it, with the non-patient files."""
-    folder.mkdir()
-    n = range(1, PATIENTS + 1)
-    (folder / "Patient.ndjson").write_text(_ndjson([_patient(i) for i in n]))
-    (folder / "Condition.ndjson").write_text(_ndjson([_condition(i) for i in n]))
-    (folder / "DocumentReference.ndjson").write_text(_ndjson([_document(i) for i in n]))
-    (folder / "Observation.ndjson.gz").write_bytes(
-        gzip.compress(_ndjson([_obs(i) for i in n]).encode(), mtime=0))
-    (folder / "log.ndjson").write_text(_client_log())
-    (folder / "README.md").write_text("# Export of 2024-05-01\nRun by the bulk-data client.\n")
-    (folder / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1" + bytes(64))
-    (folder / "Encounter.ndjson").write_bytes(b"")
-    return folder
-
 
 def _reasons(report: Any) -> dict[str, str]:
     return {Path(e.source).name: e.issues[0].diagnostics for e in report.skipped}
@@ -110,7 +47,7 @@ def _no_secret(texts: list[str]) -> None:
 
 def test_bulk_folder_with_a_client_log_gives_every_patient_and_names_what_it_skipped(
         tmp_path: Path) -> None:
-    report = read_sources([_export(tmp_path / "export")])
+    report = read_sources([export_folder(tmp_path / "export")])
     assert report.rejected == []
     assert len(report.records) == PATIENTS
     for record in report.records:
@@ -135,7 +72,7 @@ def test_non_fhir_json_and_ndjson_are_skipped_not_rejected(tmp_path: Path) -> No
     (tmp_path / "package.json").write_text(json.dumps({"name": "hl7.fhir.r4.examples"}))
     (tmp_path / "list.json").write_text("[1, 2]")
     (tmp_path / "metrics.ndjson").write_text('{"cpu": 1}\n{"cpu": 2}\n')
-    (tmp_path / "Patient.json").write_text(json.dumps(_patient(1)))
+    (tmp_path / "Patient.json").write_text(json.dumps(patient(1)))
     report = read_sources([tmp_path])
     assert [str(r.key) for r in report.records] == ["urn:mrn|MRN001"]
     assert report.rejected == []
@@ -149,10 +86,10 @@ def test_non_fhir_json_and_ndjson_are_skipped_not_rejected(tmp_path: Path) -> No
 def test_bad_lines_drop_only_themselves_with_file_and_line(tmp_path: Path) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
-    (folder / "Patient.ndjson").write_text(_ndjson([_patient(1), _patient(2)]))
-    lines = [json.dumps(_obs(1)), '{"resourceType": "Observation", "status": ' + SECRET_NAME,
+    (folder / "Patient.ndjson").write_text(ndjson([patient(1), patient(2)]))
+    lines = [json.dumps(observation(1)), '{"resourceType": "Observation", "status": ' + SECRET_NAME,
              "[1, 2]", json.dumps({"resourceType": "Obsrevation", "id": "x"}),
-             json.dumps(_obs(2)), json.dumps({"note": SECRET_NAME})]
+             json.dumps(observation(2)), json.dumps({"note": SECRET_NAME})]
     (folder / "Observation.ndjson").write_text("\n".join(lines) + "\n")
     report = read_sources([folder])
     assert report.rejected == [] and report.skipped == []
@@ -171,14 +108,14 @@ def test_bad_lines_drop_only_themselves_with_file_and_line(tmp_path: Path) -> No
     _no_secret([w.diagnostics for w in report.warnings])
 
 
-def test_a_bad_resource_is_dropped_and_a_bad_time_is_nulled_on_its_patient(
+def test_a_bad_resource_is_dropped_and_a_bad_time_is_nulled_on_itspatient(
         tmp_path: Path) -> None:
-    bad_value = _obs(1, id="bad", valueQuantity={"value": SECRET_NAME})
+    bad_value = observation(1, id="bad", valueQuantity={"value": SECRET_NAME})
     # Feb 29 of a non-leap year: the time is nulled, the result kept, issued stands in.
-    leap = _obs(1, id="leap", effectiveDateTime="2017-02-29T12:52:00-05:00",
+    leap = observation(1, id="leap", effectiveDateTime="2017-02-29T12:52:00-05:00",
                 issued="2017-03-01T10:00:00Z")
-    future = _condition(1) | {"onsetDateTime": "2999-01-01"}
-    text = _ndjson([_patient(1), _obs(1), bad_value, leap, future])
+    future = condition(1) | {"onsetDateTime": "2999-01-01"}
+    text = ndjson([patient(1), observation(1), bad_value, leap, future])
     path = tmp_path / "mixed.ndjson"
     path.write_text(text)
     [record] = read_file(path)
@@ -199,10 +136,10 @@ def test_a_bad_resource_is_dropped_and_a_bad_time_is_nulled_on_its_patient(
 
 
 def test_a_bad_resource_in_a_bundle_is_dropped_with_its_entry_index(tmp_path: Path) -> None:
-    obs = {k: v for k, v in _obs(1).items() if k != "id"} | {"subject": {"reference": PID}}
+    obs = {k: v for k, v in observation(1).items() if k != "id"} | {"subject": {"reference": PID}}
     no_code = {k: v for k, v in obs.items() if k != "code"}
     bundle = {"resourceType": "Bundle", "type": "collection", "entry": [
-        {"fullUrl": PID, "resource": _patient(1)},
+        {"fullUrl": PID, "resource": patient(1)},
         {"fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000001", "resource": obs},
         {"fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000002", "resource": no_code},
         {"fullUrl": "urn:uuid:00000000-0000-4000-8000-000000000003",
@@ -225,7 +162,7 @@ def test_a_bad_resource_in_a_bundle_is_dropped_with_its_entry_index(tmp_path: Pa
 
 
 def test_strict_keeps_all_or_nothing(tmp_path: Path) -> None:
-    folder = _export(tmp_path / "export")
+    folder = export_folder(tmp_path / "export")
     with (folder / "Condition.ndjson").open("a") as f:
         f.write("{not json\n")
     lenient = read_sources([folder])
@@ -245,7 +182,7 @@ def test_strict_keeps_all_or_nothing(tmp_path: Path) -> None:
 def test_a_file_with_nothing_usable_is_rejected_and_the_others_read(tmp_path: Path) -> None:
     (tmp_path / "a.ndjson").write_text("{oops\n[]\n")
     (tmp_path / "b.json").write_text('{"resourceType": "Patient", "birthDate": ')
-    (tmp_path / "c.json").write_text(json.dumps(_patient(3)))
+    (tmp_path / "c.json").write_text(json.dumps(patient(3)))
     report = read_sources([tmp_path / "a.ndjson", tmp_path / "b.json", tmp_path / "c.json"])
     assert [str(r.key) for r in report.records] == ["urn:mrn|MRN003"]
     assert [Path(e.source or "").name for e in report.rejected] == ["a.ndjson", "b.json"]
@@ -257,11 +194,11 @@ def test_a_file_with_nothing_usable_is_rejected_and_the_others_read(tmp_path: Pa
 
 
 def test_gzipped_ndjson_and_json_files_are_read(tmp_path: Path) -> None:
-    ndjson = tmp_path / "Patient.ndjson.gz"
-    ndjson.write_bytes(gzip.compress(_ndjson([_patient(1), _obs(1)]).encode()))
+    lines = tmp_path / "Patient.ndjson.gz"
+    lines.write_bytes(gzip.compress(ndjson([patient(1), observation(1)]).encode()))
     single = tmp_path / "patient.json.gz"
-    single.write_bytes(gzip.compress(json.dumps(_patient(2)).encode()))
-    [a] = read_file(ndjson)
+    single.write_bytes(gzip.compress(json.dumps(patient(2)).encode()))
+    [a] = read_file(lines)
     [b] = read_file(single)
     assert (str(a.key), len(a.observations)) == ("urn:mrn|MRN001", 1)
     assert str(b.key) == "urn:mrn|MRN002"
@@ -270,9 +207,9 @@ def test_gzipped_ndjson_and_json_files_are_read(tmp_path: Path) -> None:
 def test_a_gzip_bomb_is_refused_with_a_located_error(tmp_path: Path) -> None:
     folder = tmp_path / "export"
     folder.mkdir()
-    (folder / "Patient.ndjson").write_text(_ndjson([_patient(1)]))
+    (folder / "Patient.ndjson").write_text(ndjson([patient(1)]))
     # 16 MiB of one repeated line packs into a few KiB.
-    line = (json.dumps(_obs(1)) + "\n").encode()
+    line = (json.dumps(observation(1)) + "\n").encode()
     bomb = gzip.compress(line * ((16 << 20) // len(line)), compresslevel=9)
     assert len(bomb) < 1 << 20
     (folder / "Observation.ndjson.gz").write_bytes(bomb)
@@ -295,7 +232,7 @@ def test_corrupt_gzip_is_rejected_in_one_line(data: bytes, phrase: str) -> None:
 
 
 def test_a_gzipped_client_log_is_still_just_a_log(tmp_path: Path) -> None:
-    (tmp_path / "log.ndjson.gz").write_bytes(gzip.compress(_client_log().encode()))
+    (tmp_path / "log.ndjson.gz").write_bytes(gzip.compress(client_log().encode()))
     report = read_sources([tmp_path])
     assert report.records == [] and report.rejected == []
     assert "bulk-data client's log" in _reasons(report)["log.ndjson.gz"]
@@ -305,10 +242,11 @@ def test_a_gzipped_client_log_is_still_just_a_log(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the store's view
 
 
-def test_drop_nullable_drops_the_line_and_what_belongs_to_its_patient() -> None:
+def test_drop_nullable_drops_the_line_and_what_belongs_to_itspatient() -> None:
     # A store keeps resources as sent, so a Patient with an impossible birthDate goes, and
     # its Observation with it, rather than hang off a patient known only by reference.
-    text = _ndjson([_patient(1) | {"birthDate": "1950-02-30"}, _obs(1), _patient(2), _obs(2)])
+    text = ndjson([patient(1) | {"birthDate": "1950-02-30"}, observation(1), patient(2),
+                   observation(2)])
     read = read_ndjson({"": text}, drop_nullable=True, require_patients=False)
     assert [(line, r["id"]) for _, line, r in read.kept] == [(3, "p2"), (4, "o2")]
     assert [w.diagnostics for w in read.warnings] == [
@@ -319,5 +257,5 @@ def test_drop_nullable_drops_the_line_and_what_belongs_to_its_patient() -> None:
 def test_nothing_but_organizations_is_not_patient_data() -> None:
     org = {"resourceType": "Organization", "id": "o", "name": "General"}
     with pytest.raises(NotPatientData, match="Organization"):
-        read_ndjson({"Organization.ndjson": _ndjson([org])})
-    assert read_ndjson({"": _ndjson([org])}, require_patients=False).kept[0][1] == 1
+        read_ndjson({"Organization.ndjson": ndjson([org])})
+    assert read_ndjson({"": ndjson([org])}, require_patients=False).kept[0][1] == 1
