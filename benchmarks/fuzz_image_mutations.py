@@ -25,8 +25,7 @@ __all__ = ["mutate_dicom", "mutate_nifti_header", "nifti_header_layout", "plant_
            "plant_nifti_marker"]
 
 _DS_VALUES: tuple[Any, ...] = (["0", "0"], ["-1", "1"], ["nan", "1"], ["inf", "inf"], ["1"],
-                               ["1", "1", "1"], "abc", "", ["1e400", "1"], ["0.0001", "1e6"],
-                               [MARKER, "1"])
+                               ["1", "1", "1"], "abc", "", ["1e400", "1"], ["0.0001", "1e6"])
 _INT_VALUES = (0, 1, 2, 3, 7, 8, 12, 15, 16, 24, 32, 33, 64, 255, 256, 4096, 65535)
 _PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "RGB", "PALETTE COLOR", "YBR_FULL",
                 "YBR_FULL_422", "YBR_RCT", "YBR_ICT", "CMYK", "ARGB", "HSV", "", "XYZ")

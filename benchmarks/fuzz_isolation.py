@@ -153,7 +153,10 @@ class IsolatedFuzzer:
                 outcome: Outcome = payload
                 return outcome
         except (EOFError, ConnectionResetError):
-            code = self._process.exitcode if self._process is not None else None
+            code = None
+            if self._process is not None:
+                self._process.join(timeout=5)
+                code = self._process.exitcode
             self._stop(kill=True)
             self.restarts += 1
             return Outcome(index, "crash", description, f"worker exit code {code}",

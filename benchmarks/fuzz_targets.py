@@ -27,8 +27,10 @@ import json
 import os
 import random
 import shutil
+import tempfile
 import time
 import traceback
+import weakref
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -312,7 +314,7 @@ class NiftiTarget(Target):
             path.write_bytes(data)
             path.with_suffix(".img").write_bytes(bytes(_pair_image_size(raw)))
         elif gzipped or rng.random() < 0.2:
-            packed = gzip.compress(data, mtime=0)
+            packed = gzip.compress(data, compresslevel=1, mtime=0)
             if rng.random() < 0.15:  # a damaged stream: truncated or with a flipped byte
                 packed = bytearray(packed)
                 cut = rng.randrange(10, len(packed))
@@ -388,15 +390,20 @@ class ManifestTarget(Target):
             "sensitive": ["sex", "race"], "categorical": ["sex", "race"],
             "include_sensitive": False,
             "outcome": {"name": "deterioration", "horizon_hours": 48}}).encode()
+        # Images and notes are never mutated: written once, linked into every case.
+        self.files = Path(tempfile.mkdtemp(prefix="clinfuse-fuzz-manifest-"))
+        weakref.finalize(self, shutil.rmtree, self.files, True)
+        (self.files / "images").mkdir()
+        (self.files / "notes").mkdir()
+        for i in range(6):
+            (self.files / "images" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+            (self.files / "notes" / f"{i}.txt").write_text(f"Note for {MARKER}: stable.\n")
 
     def case(self, rng: random.Random, folder: Path) -> tuple[str, Thunk]:
         from pipelines.manifest import read_manifest
 
-        (folder / "images").mkdir()
-        (folder / "notes").mkdir()
-        for i in range(6):
-            (folder / "images" / f"{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n")
-            (folder / "notes" / f"{i}.txt").write_text(f"Note for {MARKER}: stable.\n")
+        (folder / "images").symlink_to(self.files / "images")
+        (folder / "notes").symlink_to(self.files / "notes")
         csv_data, yaml_data, steps = self.csv_seed, self.yaml_seed, []
         roll = rng.random()
         if roll < 0.75:
@@ -468,7 +475,10 @@ def run_case(target: Target, fmt: str, seed: int, index: int, scratch: Path,
         where = message.replace(str(folder), "<input>").splitlines()[0][:300] if message else ""
         return Outcome(index, kind, description, type(exc).__name__,
                        where if kind != "leak" else where.replace(MARKER, "<MARKER>"), seconds)
-    except Exception as exc:  # anything else is what the fuzzer is looking for
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # anything else is what the fuzzer is looking for (Rust
+        # decoders' PanicException derives from BaseException)
         return Outcome(index, "traceback", description, type(exc).__name__, _frames(exc),
                        time.perf_counter() - started)
     seconds = time.perf_counter() - started

@@ -9,6 +9,8 @@ names the transfer syntax and both ways to decode it.
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -97,7 +99,10 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         native = _native_grey(ds)
         if native is not None:
             return native
+    plugin = _decoding_plugin(ts)
     try:
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
         arr = ds.pixel_array
     except NotImplementedError as exc:
         raise ImageError(f"unsupported transfer syntax {ts} ({ts.name}): {exc}",
@@ -108,11 +113,19 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         first = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise ImageError(f"cannot decode transfer syntax {ts} ({ts.name}): {first}",
                          source=source) from exc
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-        # Truncated pixel data, wrong VR or unparsable group-0028 values end up here.
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, struct.error) as exc:
+        # Truncated pixel data, wrong VR, unparsable group-0028 values or a broken
+        # encapsulation offset table end up here.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ImageError(f"corrupt pixel data or image attributes: {first}",
                          source=source) from exc
+    except BaseException as exc:
+        # Rust decoders (pylibjpeg-rle) turn a corrupt frame into a pyo3 PanicException,
+        # which derives from BaseException; anything else (KeyboardInterrupt) goes on.
+        if type(exc).__name__ != "PanicException":
+            raise
+        raise ImageError(f"corrupt pixel data: the {plugin or 'pixel'} decoder failed on a "
+                         "frame", source=source) from exc
     photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric == "PALETTE COLOR":
         from pydicom.pixels import apply_color_lut
@@ -127,6 +140,31 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         arr = arr[np.newaxis]
     # Big-endian buffers are viewed as-is by pydicom; make them native for everything after.
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+
+
+# Decoders tried first, where more than one is installed for a transfer syntax.
+_PREFERRED_PLUGINS = ("pylibjpeg", "pyjpegls", "pillow", "pydicom")
+
+
+def _decoding_plugin(ts: UID) -> str:
+    """The pixel decoder to use: anything but GDCM where another one is installed.
+
+    GDCM (python-gdcm) checks frame sizes and component counts against the header with
+    C++ exceptions that its binding does not translate: a frame that disagrees with
+    Rows, Columns or SamplesPerPixel aborts the whole process. pydicom tries GDCM first
+    for JPEG, JPEG-LS and JPEG 2000, so it is kept for the transfer syntaxes only it can
+    decode (JPEG lossless, 12-bit JPEG). "" leaves the choice to pydicom.
+    """
+    from pydicom.pixels import get_decoder
+
+    try:
+        available = list(get_decoder(ts).available_plugins)
+    except NotImplementedError:
+        return ""
+    for plugin in _PREFERRED_PLUGINS:
+        if plugin in available:
+            return plugin
+    return ""
 
 
 def _native_grey(ds: Dataset) -> np.ndarray | None:

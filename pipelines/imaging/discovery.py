@@ -16,6 +16,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.sequence import Sequence
 from pydicom.valuerep import VR as VR_
 
 from pipelines.imaging.decode import transfer_syntax
@@ -219,15 +220,27 @@ def _zip_members(path: Path) -> Iterator[tuple[str, bytes]]:
 
 def _dicomdir_files(path: Path) -> Iterator[tuple[str, Path]]:
     ds = read_dicom(path)
-    records = ds.get("DirectoryRecordSequence")
+    try:
+        records = ds.get("DirectoryRecordSequence")
+    except (TypeError, ValueError) as exc:  # a corrupted VR: pydicom cannot build the items
+        raise ImageError("not a DICOMDIR: its DirectoryRecordSequence is unreadable",
+                         source=str(path)) from exc
     if records is None:
         raise ImageError("not a DICOMDIR: no DirectoryRecordSequence", source=str(path))
+    if not isinstance(records, Sequence):
+        raise ImageError("not a DICOMDIR: DirectoryRecordSequence is not a sequence",
+                         source=str(path))
     root = path.parent
-    for record in records:
-        file_id = record.get("ReferencedFileID")
+    for number, record in enumerate(records, start=1):
+        try:
+            file_id = record.get("ReferencedFileID")
+        except (TypeError, ValueError) as exc:
+            raise ImageError(f"DICOMDIR record {number} is unreadable", source=str(path)
+                             ) from exc
         if not file_id:
             continue  # PATIENT/STUDY/SERIES records carry no file
-        parts = [file_id] if isinstance(file_id, str) else list(file_id)
+        parts = [str(p) for p in ([file_id] if isinstance(file_id, str | bytes | int | float)
+                                  else file_id)]
         target = root.joinpath(*parts)
         if not target.exists():
             # Media file IDs are upper-case by rule; real trees are not always.

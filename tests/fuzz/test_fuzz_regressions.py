@@ -11,21 +11,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from pydicom.dataset import FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLossless,
+    JPEGLSLossless,
+    RLELossless,
+    generate_uid,
+)
 
 from fhir_adapters.errors import IngestError
 from fhir_adapters.fhir_json import records_from_json
 from pipelines.imaging.convert import dicom_to_nifti, volume_to_nifti
-from pipelines.imaging.discovery import read_dicom
+from pipelines.imaging.decode import _decoding_plugin, decode_pixels
+from pipelines.imaging.discovery import discover, read_dicom
 from pipelines.imaging.volume import ImageError, Volume
 from pipelines.manifest import ManifestError, read_manifest
 
 
 def ct_slice(path: Path, *, orientation: list[float] | None = None) -> Path:
     """A 4x3 16-bit CT slice with full geometry, explicit VR little endian."""
-    from pydicom.dataset import Dataset
-
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -91,6 +100,61 @@ def test_affine_nifti_cannot_hold_is_refused_not_header_data_error(affine: np.nd
         volume_to_nifti(volume, source="ct.dcm")
     assert caught.value.source == "ct.dcm"
     assert caught.value.reason.startswith("cannot write NIfTI: the voxel-to-patient affine")
+
+
+def rle_slice(insert_at: int) -> Dataset:
+    """An 8x8 RLE Lossless slice with one zero byte inserted into its encapsulated data."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = 8, 8
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = (np.arange(64, dtype="<u2") * 37).tobytes()
+    ds.compress(RLELossless)
+    data = bytes(ds.PixelData)
+    ds.PixelData = data[:insert_at] + b"\0" + data[insert_at:]
+    return ds
+
+
+@pytest.mark.parametrize(("insert_at", "reason"), [
+    # The basic offset table's length now points past the data: struct.error.
+    (4, "corrupt pixel data or image attributes: unpack requires a buffer of 1024 bytes"),
+    # A shifted RLE segment: pylibjpeg-rle panics (pyo3 PanicException, a BaseException).
+    (30, "corrupt pixel data: the pylibjpeg decoder failed on a frame"),
+])
+def test_corrupt_rle_frame_is_refused(insert_at: int, reason: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_pixels(rle_slice(insert_at), "rle.dcm")
+    assert (caught.value.source, caught.value.reason) == ("rle.dcm", reason)
+
+
+@pytest.mark.parametrize(("ts", "plugin"), [
+    (JPEG2000Lossless, "pylibjpeg"), (JPEGLSLossless, "pyjpegls"),
+    (JPEGBaseline8Bit, "pillow"), (RLELossless, "pylibjpeg"),
+    (JPEGLossless, ""),  # only GDCM decodes it: pydicom's own choice
+])
+def test_gdcm_is_not_the_decoder_where_another_is_installed(ts: str, plugin: str) -> None:
+    """GDCM aborted the process ("terminate called after throwing gdcm::Exception") on a
+    JPEG 2000 frame whose component count disagreed with SamplesPerPixel."""
+    assert _decoding_plugin(UID(ts)) == plugin
+
+
+def test_dicomdir_whose_records_are_not_a_sequence_is_refused(tmp_path: Path) -> None:
+    """TypeError from pydicom (or iterating bytes) on a DICOMDIR with a mangled record VR."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SOPClassUID = "1.2.840.10008.1.3.10"
+    ds.add_new(0x00041220, "OB", b"\x01\x02\x03\x04")  # DirectoryRecordSequence
+    path = tmp_path / "DICOMDIR"
+    ds.save_as(path, enforce_file_format=True)
+    with pytest.raises(ImageError) as caught:
+        discover(path)
+    assert (caught.value.source, caught.value.reason) == (
+        str(path), "not a DICOMDIR: DirectoryRecordSequence is not a sequence")
 
 
 # --------------------------------------------------------------------------- manifests
