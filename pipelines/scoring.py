@@ -127,6 +127,8 @@ class LoadedModel:
             images = load_images(manifest, rows, self.preprocess,
                                  int(self.config["image"]["spatial_dims"]), cache_dir,
                                  workers=workers, progress=progress)
+            # Dropped (unusable) images: those rows are scored without imaging.
+            has_image = np.array([p is not None for p in manifest.image_paths()], dtype=bool)
             emb = np.zeros((n, 1), dtype=np.float32)
             if len(images.keys):
                 emb[images.rows] = image_logits(self.image, self.image_hashes, images,

@@ -63,7 +63,6 @@ from models.privacy import PatientOverlapError, hashed_ids, new_salt
 from models.tabular import TabularPreprocessor
 from pipelines.evaluation import auprc, auroc, brier_score, expected_calibration_error
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
-from pipelines.imaging.convert import load_image
 from pipelines.imaging.volume import ImageError
 from pipelines.manifest import CohortManifest, ManifestError, read_manifest
 from pipelines.model_inputs import (
@@ -76,6 +75,7 @@ from pipelines.model_inputs import (
     image_logits,
     load_images,
     modality_mask,
+    model_volume,
     preprocess_config,
     spatial_dims_of,
 )
@@ -114,6 +114,9 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "spatial_size": [64, 64, 32], "spatial_size_2d": [64, 64],
         "windows": DEFAULT_WINDOWS, "pretrained_path": None, "min_images": 20,
         "crossfit_folds": 1,
+        # Input channels: 1 takes colour images as BT.601 luma, 3 takes them as RGB
+        # (grey replicated); pipelines.imaging.colour.
+        "channels": 1,
         # "joint": after stage 1, the encoder's auxiliary head is refitted as the image
         # branch of a fusion model fed the whole embedding alongside the other
         # modalities, so the head weighs the embedding's features adjusted for what EHR
@@ -521,20 +524,22 @@ def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_im
     networks (compact, densenet121), whose in-sample logits are over-confident.
     """
     icfg = cfg["image"]
-    first = manifest.image_paths()[int(image_rows[0])]
-    assert first is not None
-    try:
-        dims = spatial_dims_of(load_image(first))
-    except ImageError as exc:
-        raise ModelDataError(f"{manifest.path}: image on line {int(image_rows[0]) + 2} could "
-                             f"not be read: {exc.reason}") from None
+    channels = int(icfg["channels"])
+    dims = _spatial_dims(manifest, image_rows, channels)
     size = icfg["spatial_size"] if dims == 3 else icfg["spatial_size_2d"]
-    pre = preprocess_config(dims, size, icfg["windows"])
+    pre = preprocess_config(dims, size, icfg["windows"], channels)
     t0 = time.perf_counter()
     images = load_images(manifest, image_rows, pre, dims, cache,
                          workers=int(cfg["workers"]), progress=bool(cfg["progress"]))
     log.info("images: %d series preprocessed to %s in %.1f s", len(images.keys),
              list(pre.spatial_size), time.perf_counter() - t0)
+    if images.dropped:  # those rows are image-less now
+        train_img = np.intersect1d(train_img, images.rows)
+        val_img = np.intersect1d(val_img, images.rows)
+        if len(val_img) < 2 or len(np.unique(y[train_img])) < 2:
+            raise ModelDataError(f"{manifest.path}: after dropping {len(images.dropped)} "
+                                 "unusable image(s), too few training or validation images "
+                                 "remain (both classes needed)")
     pos = {int(r): i for i, r in enumerate(images.rows)}
     va = [pos[int(r)] for r in val_img]
     k = int(icfg["crossfit_folds"])
@@ -586,6 +591,24 @@ def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_im
     metrics = {"network": encoders[0].network_name_, "val_auroc": val_auc,
                "seconds": round(seconds, 1), "history": histories}
     return _Stage1(out, config, states, metrics, encoders, images)
+
+
+def _spatial_dims(manifest: CohortManifest, image_rows: np.ndarray, channels: int) -> int:
+    """2 or 3: the dimensionality of the first image that can be read (after the colour
+    policy); unreadable ones are left for load_images to drop with a warning."""
+    paths = manifest.image_paths()
+    first_error = None
+    for r in image_rows:
+        path = paths[int(r)]
+        assert path is not None
+        try:
+            return spatial_dims_of(model_volume(path, channels))
+        except ImageError as exc:
+            first_error = first_error or (int(r), exc.reason)
+    assert first_error is not None
+    raise ModelDataError(f"{manifest.path}: the images could not be read (none of "
+                         f"{len(image_rows)}); first, on line {first_error[0] + 2}: "
+                         f"{first_error[1]}")
 
 
 def ehr_rank_blocks(encoding: TabularEncoding, scaler: TabularPreprocessor | None,

@@ -27,7 +27,7 @@ _NIFTI_SUFFIXES = (".nii", ".nii.gz", ".hdr", ".img", ".img.gz")
 
 #: Bump whenever a change to reading or assembly can change a Volume: cached volumes
 #: from older readers then miss instead of being served.
-READER_VERSION = 2
+READER_VERSION = 3
 
 
 def load_image(src: Path, *, resample: bool = False, min_slices: int = 3) -> Volume:
@@ -133,7 +133,7 @@ def volume_to_nifti(volume: Volume, source: str | None = None) -> nib.Nifti1Imag
                          "finite (zero spacing, or parallel ImageOrientationPatient "
                          "direction cosines)", source=source)
     array = volume.array
-    if volume.metadata.get("ColorChannels"):
+    if volume.is_color:
         rgb = np.ascontiguousarray(array.astype(np.uint8))
         array = rgb.view(np.dtype([("R", "u1"), ("G", "u1"), ("B", "u1")]))[..., 0]
     image = nib.Nifti1Image(array, volume.affine)

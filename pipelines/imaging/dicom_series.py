@@ -10,6 +10,7 @@ spacing.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from importlib.metadata import version
@@ -22,9 +23,12 @@ from pipelines.imaging.decode import invert_monochrome1, modality_values
 from pipelines.imaging.discovery import DicomInstance, discover
 from pipelines.imaging.frames import Frame, frames_from_dataset
 from pipelines.imaging.resample import resample_stack
+from pipelines.imaging.spacing import flag_unknown
 from pipelines.imaging.volume import ImageError, Volume
 
 __all__ = ["LPS_TO_RAS", "assemble_frames", "load_dicom_series", "series_to_volume"]
+
+log = logging.getLogger(__name__)
 
 #: DICOM patient space is LPS; NIfTI/nibabel is RAS: flip x and y.
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -96,7 +100,11 @@ def assemble_frames(
     _check_uniform(frames, "pixel spacings (PixelSpacing)",
                    lambda f: tuple(round(float(v), 4) for v in f.spacing), source)
     normal = np.cross(ref.row_cosine, ref.col_cosine)
+    if float(np.linalg.norm(normal)) < 1e-6:
+        raise ImageError("not a volume: ImageOrientationPatient's row and column directions "
+                         "are parallel", source=source)
     normal /= np.linalg.norm(normal)
+    slice_unknown: str | None = None
 
     # Group frames by plane: distance along the normal, with DS rounding tolerance.
     ordered = sorted(frames, key=lambda f: float(f.position @ normal))
@@ -166,6 +174,9 @@ def assemble_frames(
             affine_lps[:3, 2] = (positions[-1] - positions[0]) / (len(planes) - 1)
         else:
             affine_lps[:3, 2] = normal * (ref.slice_thickness or 1.0)
+            if ref.slice_thickness is None:
+                slice_unknown = ("one plane and no usable SpacingBetweenSlices or "
+                                 "SliceThickness (1 mm assumed)")
         affine_lps[:3, 3] = positions[0]
     if n_t == 1:
         array = array[:, :, :, 0]
@@ -178,7 +189,12 @@ def assemble_frames(
         "RescaleApplied": not colour,
     })
     if colour:
-        meta["ColorChannels"] = "RGB (trailing axis)"
+        meta["ColorChannels"] = 3
+    meta["SpacingKnown"] = True
+    for reason in (ref.spacing_unknown, slice_unknown):
+        if reason is not None:
+            flag_unknown(meta, reason)
+            log.warning("%s: spacing unknown: %s", source, reason)
     if resampled:
         meta["ResampleReasons"] = problems
     provenance = [{"step": "assemble_frames", "package": "pydicom",

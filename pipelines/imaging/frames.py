@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 
 from pipelines.imaging.decode import decode_pixels
 from pipelines.imaging.header import header_value
+from pipelines.imaging.spacing import pixel_spacing, positive_number
 from pipelines.imaging.volume import ImageError
 
 __all__ = ["Frame", "FrameLoader", "classic_frame", "float_list", "frames_from_dataset"]
@@ -64,6 +65,8 @@ class Frame:
     bits_stored: int
     signed: bool
     slice_thickness: float | None = None
+    #: Why ``spacing`` is the 1 mm stand-in (PixelSpacing missing, zero, ...); None if read.
+    spacing_unknown: str | None = None
 
 
 def float_list(value: Any, n: int, name: str, source: str) -> list[float]:
@@ -114,7 +117,7 @@ def image_attributes(ds: Dataset, source: str) -> dict[str, Any]:
 
 def classic_frame(ds: Dataset, source: str, loader: FrameLoader) -> Frame:
     """The one frame of a classic single-frame image with ImagePositionPatient."""
-    for keyword in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+    for keyword in ("ImagePositionPatient", "ImageOrientationPatient"):
         if keyword not in ds:
             raise ImageError(f"{keyword} is missing, so the image cannot be placed in a "
                              "volume", source=source)
@@ -128,18 +131,21 @@ def classic_frame(ds: Dataset, source: str, loader: FrameLoader) -> Frame:
         str(header_value(ds, "AcquisitionTime", "")),
         _number(ds, "InstanceNumber", 0.0, source),
     )
+    # Missing or unusable PixelSpacing: 1 mm, flagged (pipelines.imaging.spacing).
+    spacing = pixel_spacing(ds, source, ("PixelSpacing",), warn=False)
     return Frame(
         source=source,
         position=np.array(float_list(header_value(ds, "ImagePositionPatient"), 3,
                                      "ImagePositionPatient", source)),
         row_cosine=_unit(iop[:3], source), col_cosine=_unit(iop[3:], source),
-        spacing=tuple(float_list(header_value(ds, "PixelSpacing"), 2, "PixelSpacing", source)),  # type: ignore[arg-type]
+        spacing=spacing.values,
         slope=_number(ds, "RescaleSlope", 1.0, source) or 1.0,
         intercept=_number(ds, "RescaleIntercept", 0.0, source) or 0.0,
         temporal=temporal,
         load=lambda: loader(0),
-        slice_thickness=_number(ds, "SpacingBetweenSlices", None, source) or _number(
-            ds, "SliceThickness", None, source),
+        slice_thickness=positive_number(header_value(ds, "SpacingBetweenSlices")) or
+        positive_number(header_value(ds, "SliceThickness")),
+        spacing_unknown=None if spacing.known else spacing.reason,
         **image_attributes(ds, source),
     )
 

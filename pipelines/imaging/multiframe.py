@@ -13,6 +13,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from pipelines.imaging.frames import Frame, FrameLoader, float_list, image_attributes
+from pipelines.imaging.spacing import pixel_spacing, positive_number
 from pipelines.imaging.volume import ImageError
 
 __all__ = ["enhanced_frames", "is_enhanced"]
@@ -57,21 +58,23 @@ def enhanced_frames(ds: Dataset, source: str, loader: FrameLoader) -> list[Frame
         orientation = _value(_macro(group, shared, "PlaneOrientationSequence"),
                              "ImageOrientationPatient")
         measures = _macro(group, shared, "PixelMeasuresSequence")
-        spacing = _value(measures, "PixelSpacing")
-        if position is None or orientation is None or spacing is None:
-            raise ImageError("frame lacks PlanePositionSequence, PlaneOrientationSequence "
-                             "or PixelMeasuresSequence geometry", source=where)
+        if position is None or orientation is None:
+            raise ImageError("frame lacks PlanePositionSequence or PlaneOrientationSequence "
+                             "geometry", source=where)
+        # Missing or unusable PixelSpacing: 1 mm, flagged (pipelines.imaging.spacing).
+        spacing = pixel_spacing(measures, where, ("PixelSpacing",), warn=False)
         iop = float_list(orientation, 6, "ImageOrientationPatient", where)
         transform = _macro(group, shared, "PixelValueTransformationSequence")
         content = _macro(group, None, "FrameContentSequence")
-        thickness = _value(measures, "SpacingBetweenSlices") or _value(
-            measures, "SliceThickness")
+        thickness = positive_number(_value(measures, "SpacingBetweenSlices")) or \
+            positive_number(_value(measures, "SliceThickness"))
         frames.append(Frame(
             source=where,
             position=np.array(float_list(position, 3, "ImagePositionPatient", where)),
             row_cosine=np.asarray(iop[:3]) / np.linalg.norm(iop[:3]),
             col_cosine=np.asarray(iop[3:]) / np.linalg.norm(iop[3:]),
-            spacing=tuple(float_list(spacing, 2, "PixelSpacing", where)),  # type: ignore[arg-type]
+            spacing=spacing.values,
+            spacing_unknown=None if spacing.known else spacing.reason,
             slope=float(_value(transform, "RescaleSlope", ds.get("RescaleSlope", 1.0)) or 1.0),
             intercept=float(_value(transform, "RescaleIntercept",
                                    ds.get("RescaleIntercept", 0.0)) or 0.0),
@@ -83,7 +86,7 @@ def enhanced_frames(ds: Dataset, source: str, loader: FrameLoader) -> list[Frame
                 index,
             ),
             load=(lambda i=index: loader(i)),  # type: ignore[misc]
-            slice_thickness=float(thickness) if thickness else None,
+            slice_thickness=thickness,
             **attributes,
         ))
     return frames

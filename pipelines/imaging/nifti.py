@@ -1,6 +1,8 @@
 """NIfTI-1/-2 and Analyze images to :class:`Volume` via nibabel.
 
-The affine is nibabel's best affine (sform, then qform, then the fall-back), already RAS+.
+The affine is nibabel's best affine (sform, then qform, then the fall-back), already RAS+;
+an axis of zero or non-finite size (``pixdim`` 0, say) becomes 1 mm with
+``SpacingKnown=False`` (:func:`pipelines.imaging.spacing.repair_affine`).
 Scaling (scl_slope/scl_inter) is applied; the result is float32 unless the image is stored
 unscaled in an integer type, which is kept. CIFTI files share the NIfTI-2 container but hold
 brainordinates, not voxels, and are refused.
@@ -15,6 +17,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from pipelines.imaging.spacing import repair_affine
 from pipelines.imaging.volume import ImageError, Volume
 
 __all__ = ["load_nifti"]
@@ -77,9 +80,17 @@ def load_nifti(path: Path) -> Volume:
     if isinstance(image, nib.Nifti1Image | nib.Nifti1Pair):
         metadata["sform_code"] = int(header["sform_code"])
         metadata["qform_code"] = int(header["qform_code"])
+    try:
+        best = np.asarray(image.affine, dtype=float)
+    except Exception:  # nibabel's quaternion maths on a corrupt header
+        best = np.full((4, 4), np.nan)
+    affine, unknown = repair_affine(best, source)
+    metadata["SpacingKnown"] = unknown is None
+    if unknown is not None:
+        metadata["SpacingUnknownReason"] = unknown
     provenance = [{"step": "load_nifti", "package": "nibabel", "version": version("nibabel"),
                    "arguments": {"path": source}}]
-    return Volume(data, np.asarray(image.affine, dtype=float), metadata, provenance)
+    return Volume(data, affine, metadata, provenance)
 
 
 def _intent_code(image: object) -> int:

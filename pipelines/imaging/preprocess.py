@@ -121,6 +121,9 @@ class PreprocessConfig:
     fit : {"crop_pad", "resize"}
         Reach ``spatial_size`` by centred crop/zero-pad (keeps the spacing) or by
         resizing (keeps the field of view).
+    channels : {1, 3}
+        The model's input channels: 1 takes colour as BT.601 luma, 3 takes RGB
+        (:class:`pipelines.imaging.colour.ToModelChannels`). Default 1.
     """
 
     spatial_size: tuple[int, int, int]
@@ -129,6 +132,7 @@ class PreprocessConfig:
     orientation: str = "RAS"
     interpolation: Literal["bilinear", "nearest"] = "bilinear"
     fit: Literal["crop_pad", "resize"] = "crop_pad"
+    channels: int = 1
 
     def __post_init__(self) -> None:
         size = tuple(self.spatial_size)
@@ -151,6 +155,8 @@ class PreprocessConfig:
                              f"{self.interpolation!r}")
         if self.fit not in ("crop_pad", "resize"):
             raise ValueError(f"fit must be 'crop_pad' or 'resize', got {self.fit!r}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 (grey) or 3 (RGB), got {self.channels!r}")
         if not self.windows:
             raise ValueError("windows must name at least one modality (or 'default')")
         windows = {str(k).upper() if k != _DEFAULT_WINDOW else k:
@@ -182,12 +188,14 @@ class PreprocessConfig:
             "orientation": self.orientation,
             "interpolation": self.interpolation,
             "fit": self.fit,
+            "channels": self.channels,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> PreprocessConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise."""
-        known = {"spatial_size", "windows", "spacing", "orientation", "interpolation", "fit"}
+        """Inverse of :meth:`to_dict`; unknown keys raise (``channels`` defaults to 1)."""
+        known = {"spatial_size", "windows", "spacing", "orientation", "interpolation", "fit",
+                 "channels"}
         unknown = set(data) - known
         if unknown:
             raise ValueError(f"unknown preprocess config keys {sorted(unknown)}; "
@@ -244,10 +252,15 @@ class VolumeToTensor(Transform):
 
 
 def _channel_first(volume: Volume) -> np.ndarray:
-    """The volume's array as a (C, X, Y, Z) view: 2-D gets unit axes, 4-D T as channels."""
+    """The volume's array as a (C, X, Y, Z) view: 2-D gets unit axes, 4-D T as channels.
+
+    Colour's trailing RGB axis becomes the channels: (X, Y, 3) -> (3, X, Y, 1).
+    """
     array = np.asarray(volume.array)
     if array.ndim == 2:
         return array[None, :, :, None]
+    if array.ndim == 3 and volume.is_color:
+        return np.moveaxis(array, -1, 0)[..., None]
     if array.ndim == 3:
         return array[None]
     return np.moveaxis(array, -1, 0)

@@ -53,7 +53,9 @@ class Volume:
 
     @property
     def is_color(self) -> bool:
-        return self.metadata.get("ColorChannels") == 3
+        # Volumes cached by readers before READER_VERSION 3 say "RGB (trailing axis)".
+        channels = self.metadata.get("ColorChannels")
+        return channels == 3 or (isinstance(channels, str) and channels.startswith("RGB"))
 
     def to_nifti(self):  # type: ignore[no-untyped-def]
         """A nibabel Nifti1Image of this volume (RGB24 for colour)."""
