@@ -37,6 +37,9 @@ BENCHMARKS = {
                 "Explanation for one patient (p50) and EHR SHAP vs KernelExplainer"),
     "inference": ("benchmarks.inference_bench",
                   "Per-patient inference latency on the CPU, image and note embeddings cached"),
+    "fuzz": ("benchmarks.fuzz_parsers",
+             "Mutation fuzzing of the readers (in-process, isolated worker, 5 s and memory "
+             "bound per input)"),
 }
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 

@@ -127,7 +127,7 @@ def replay(fmt: str, seed: int, index: int, keep: Path | None) -> None:
 
 
 def _write(by_format: dict[str, dict[str, Any]], started: float) -> None:
-    from benchmarks.__main__ import git_commit, machine, write_table
+    from benchmarks.__main__ import BENCHMARKS, git_commit, machine, write_table
 
     merged = by_format
     if RESULTS.exists():  # formats run separately are merged into one result
@@ -137,8 +137,7 @@ def _write(by_format: dict[str, dict[str, Any]], started: float) -> None:
     commit = git_commit()
     for entry in by_format.values():
         entry["commit"] = commit
-    entry = {"benchmark": "fuzz", "title": "Mutation fuzzing of the readers (in-process, "
-             "isolated worker, 5 s and memory bound per input)", "quick": False,
+    entry = {"benchmark": "fuzz", "title": BENCHMARKS["fuzz"][1], "quick": False,
              "date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": machine(),
              "commit": commit, "seconds": round(time.perf_counter() - started, 2),
              "result": {"summary": _summary(merged), "timeout_s": TIMEOUT_S,

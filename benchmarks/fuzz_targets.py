@@ -439,8 +439,15 @@ _TARGETS: dict[str, type[Target]] = {"fhir": FhirTarget, "hl7v2": Hl7Target,
 
 
 def make_target(fmt: str) -> Target:
-    """A prepared target for ``fmt`` (one of :data:`FORMATS`)."""
-    target = _TARGETS[fmt]()
+    """A prepared target for ``fmt``: one of :data:`FORMATS`, or ``"module:Class"`` (the
+    harness's own tests use scripted targets)."""
+    if ":" in fmt:
+        import importlib
+
+        module, _, name = fmt.partition(":")
+        target: Target = getattr(importlib.import_module(module), name)()
+    else:
+        target = _TARGETS[fmt]()
     target.prepare()
     return target
 
