@@ -152,6 +152,7 @@ def read_ndjson(files: Mapping[str, bytes | str], source: str | None = None, *,
     read.kept = [(*line_of[id(i)], i.resource) for i in unit.kept]
     if not require_patients and not read.records:
         read.notices = dropped_lines + read.notices
+        _cap(read)
         return read
     return _finish(read, dropped_lines, source)
 

@@ -55,7 +55,6 @@ from sqlalchemy.orm import Session, defer
 from fhir_adapters.errors import IngestError, Issue, NotPatientData
 from fhir_adapters.fhir_json import (
     records_from_json,
-    records_from_ndjson,
     records_from_resources,
 )
 from fhir_adapters.hl7v2 import AckCode, ack_code_for, build_ack
@@ -87,7 +86,6 @@ __all__ = [
     "ingest_batch",
     "ingest_bundle",
     "ingest_hl7",
-    "ingest_ndjson",
     "merge_patients",
     "patient_resource",
     "rebuild_record",
@@ -1048,15 +1046,6 @@ def _relocate(issue: Issue, old: str, new: str) -> Issue:
         expr = new if expr is None else f"{new}.{expr}"
     return Issue(issue.code, issue.diagnostics, expr, issue.severity, issue.segment,
                  issue.segment_index, issue.field)
-
-
-def ingest_ndjson(session: Session, data: bytes | str, *, name: str = "") -> IngestResult:
-    """One bulk-data NDJSON file (a resource per line), all or nothing."""
-    _validate(lambda: records_from_ndjson({name: data} if name else data))
-    text = data.decode("utf-8-sig") if isinstance(data, bytes) else data.removeprefix("\ufeff")
-    items = [Incoming(json.loads(line), f"line {n}")
-             for n, line in enumerate(text.splitlines(), start=1) if line.strip()]
-    return ingest(session, items, source="ndjson")
 
 
 def ingest_hl7(session: Session, data: bytes | str) -> list[Hl7Result]:

@@ -306,7 +306,7 @@ def _ndjson(resources: list[dict[str, Any]]) -> str:
     return "".join(json.dumps(r) + "\n" for r in resources)
 
 
-def test_ndjson_import_is_atomic_per_file_and_idempotent(
+def test_ndjson_import_links_across_files_and_is_idempotent(
         client: TestClient, db_engine: Engine, bundle: dict[str, Any]) -> None:
     resources = _ndjson_lines(bundle)
     patients = [r for r in resources if r["resourceType"] == "Patient"]
@@ -331,14 +331,66 @@ def test_ndjson_import_is_atomic_per_file_and_idempotent(
     assert len(record["encounters"]) == len(_of_type(bundle, "Encounter"))
 
 
-def test_ndjson_with_a_bad_line_stores_nothing(client: TestClient, db_engine: Engine,
-                                               bundle: dict[str, Any]) -> None:
-    lines = _ndjson(_ndjson_lines(bundle)).splitlines()
+def test_ndjson_bad_line_is_dropped_and_named_the_rest_stored(
+        client: TestClient, db_engine: Engine, bundle: dict[str, Any]) -> None:
+    # Issue 17: $import goes line by line (it was all or nothing).
+    resources = _ndjson_lines(bundle)
+    lines = _ndjson(resources).splitlines()
     lines[2] = lines[2][:40] + ' "SECRET": }'
     response = client.post("/fhir/$import", content="\n".join(lines) + "\n", headers=NDJSON)
+    assert response.status_code == 200, response.text
+    info, *warnings = response.json()["issue"]
+    n = len(resources) - 1
+    assert info == {"severity": "information", "code": "informational", "diagnostics":
+                    f"ingested {n} resources for 1 patient(s): {n} created, 0 updated, "
+                    "0 unchanged; 1 line(s) dropped (see the warnings)"}
+    [warning] = warnings
+    assert (warning["severity"], warning["code"]) == ("warning", "structure")
+    assert warning["diagnostics"].startswith("line 3: malformed JSON at line 1, column")
+    assert warning["diagnostics"].endswith("the line was dropped")
+    assert "SECRET" not in response.text
+    assert _count(db_engine, FhirResourceRow) == n
+
+
+def test_ndjson_lines_the_reader_or_the_store_refuse_are_dropped_and_named(
+        client: TestClient, db_engine: Engine) -> None:
+    patient = {"resourceType": "Patient", "id": "p1", "name": [{"family": "SECRETNAME"}],
+               "identifier": [{"system": MRN_SYSTEM, "value": "MRN-IMPORT-1"}]}
+    obs = {"resourceType": "Observation", "status": "final", "subject": {"reference":
+                                                                        "Patient/p1"},
+           "code": {"coding": [{"system": "http://loinc.org", "code": "8867-4"}]},
+           "effectiveDateTime": "2026-01-02T03:04:00Z", "valueQuantity": {"value": 88}}
+    no_status = {k: v for k, v in obs.items() if k != "status"}
+    nobody = obs | {"subject": {"reference": "Patient/nobody"}}
+    no_identifier = {"resourceType": "Patient", "id": "p2", "gender": "male"}
+    leap = obs | {"effectiveDateTime": "2017-02-29T12:52:00Z"}  # nulled by records, not stored
+    body = _ndjson([patient, obs, no_status, nobody, no_identifier, leap])
+    response = client.post("/fhir/$import", content=body, headers=NDJSON)
+    assert response.status_code == 200, response.text
+    info, *warnings = response.json()["issue"]
+    assert info["diagnostics"] == ("ingested 2 resources for 1 patient(s): 2 created, "
+                                   "0 updated, 0 unchanged; 4 line(s) dropped (see the warnings)")
+    assert [(w["severity"], w["diagnostics"].split(":")[0], w["expression"]) for w in warnings
+            ] == [
+        ("warning", "line 3, Observation.status", ["Observation.status"]),
+        ("warning", "line 6, Observation.effectiveDateTime", ["Observation.effectiveDateTime"]),
+        ("warning", "line 5, Patient.identifier", ["Patient.identifier"]),
+        ("warning", "line 4, Observation.subject.reference", ["Observation.subject.reference"]),
+    ]
+    assert "does not resolve to a Patient in this request or in the store" in (
+        warnings[3]["diagnostics"])
+    assert "SECRETNAME" not in response.text and "2017-02-29" not in response.text
+    assert _count(db_engine, FhirResourceRow) == 2
+    assert _count(db_engine, PatientRow) == 1
+
+
+def test_ndjson_with_no_usable_line_stores_nothing(client: TestClient,
+                                                   db_engine: Engine) -> None:
+    response = client.post("/fhir/$import", content='{"SECRET": 1\n[]\n\n', headers=NDJSON)
     assert response.status_code == 400
-    diagnostics = response.json()["issue"][0]["diagnostics"]
-    assert diagnostics.startswith("line 3: malformed JSON at line 1, column")
+    issues = response.json()["issue"]
+    assert [(i["severity"], i["diagnostics"].split(":")[0]) for i in issues] == [
+        ("error", "line 1"), ("error", "line 2")]
     assert "SECRET" not in response.text
     assert _count(db_engine, FhirResourceRow) == 0
 

@@ -51,7 +51,7 @@ _FEWER_EXAMPLES: dict[tuple[str, str], tuple[int, str]] = {
 _NOT_SCHEMA_DECIDABLE: dict[tuple[str, str], str] = {
     ("POST", "/fhir"): "a Bundle is checked against FHIR R4's rules (references, codes, "
                        "one patient per MRN), not only its JSON shape",
-    ("POST", "/fhir/$import"): "every NDJSON line must be a valid FHIR resource",
+    ("POST", "/fhir/$import"): "at least one NDJSON line must be a storable FHIR resource",
     ("POST", "/fhir/$predict"): "the Bundle must hold exactly one patient's valid record",
     ("POST", "/dicomweb/studies"): "only multipart/related bodies of real DICOM parts store",
     ("POST", "/dicomweb/studies/{study}"): "only multipart/related bodies of real DICOM "

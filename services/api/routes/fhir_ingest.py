@@ -4,8 +4,10 @@
   entry and answered with a batch-response; collection, searchset, document and
   message Bundles are ingested like a transaction.
 - ``POST /fhir/$import``: one bulk-data NDJSON file (``application/fhir+ndjson``),
-  all or nothing. Named after the Bulk Data ``$import`` operation, but synchronous
-  and for one file per request: a file is the unit a sender can retry.
+  line by line: a bad line is dropped and named (``line N``) in the answer's
+  OperationOutcome as a warning, the good lines are stored; only a file with no usable
+  line is refused (see :mod:`services.ndjson_import`). Named after the Bulk Data
+  ``$import`` operation, but synchronous and for one file per request.
 - ``GET /fhir/metadata``: the CapabilityStatement of what this server serves.
 - ``GET /fhir/Patient/{id}``: the stored Patient, by its opaque id.
 
@@ -27,7 +29,7 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from fhir_adapters.errors import IngestError, Issue
-from services import record_store
+from services import ndjson_import, record_store
 from services.api.deps import SessionDep, SettingsDep, base_url, read_limited_body, require
 from services.api.errors import FHIR_JSON
 from services.auth.principal import Role
@@ -246,19 +248,32 @@ async def post_bundle(request: Request, session: SessionDep,
     return fhir_json({"resourceType": "Bundle", "type": f"{kind}-response", "entry": entries})
 
 
+_IMPORT_WARNED = {"resourceType": "OperationOutcome", "issue": [
+    {"severity": "information", "code": "informational",
+     "diagnostics": "ingested 1 resources for 1 patient(s): 1 created, 0 updated, 0 unchanged; "
+                    "1 line(s) dropped (see the warnings)"},
+    {"severity": "warning", "code": "structure",
+     "diagnostics": "line 2, Observation.valueQuantity.value: must be a decimal (a JSON "
+                    "number); the resource was dropped",
+     "expression": ["Observation.valueQuantity.value"]}]}
+
+
 @router.post(
-    "/$import", summary="Ingest one bulk-data NDJSON file",
+    "/$import", summary="Ingest one bulk-data NDJSON file, line by line",
     description="One FHIR Bulk Data NDJSON file (one resource per line, as a bulk export "
-                "writes it), stored all or nothing: a problem on any line refuses the file "
-                "with an OperationOutcome naming the line and element. Synchronous, one file "
-                "per request; references may point at resources of earlier files.",
+                "writes it), stored line by line: a bad line (not JSON, not a resource, a "
+                "resource with a missing or malformed element, a subject that is neither in "
+                "the file nor stored) is dropped, and the good lines are stored. The answer "
+                "is an OperationOutcome: the counts, then one warning per problem naming the "
+                "line and element, never a value. Only a file with no usable line is refused "
+                "(400/422, nothing stored). Synchronous, one file per request; references may "
+                "point at resources of earlier files.",
     dependencies=[WRITE],
     openapi_extra={"requestBody": {"required": True, "content": {FHIR_NDJSON: {
         "schema": {"type": "string"}, "example": _NDJSON_EXAMPLE}}}},
-    responses={200: {"description": "stored: an OperationOutcome with the counts",
-                     "content": {FHIR_JSON: {"example": _information(
-                         "ingested 2 resources for 1 patient(s): 2 created, 0 updated, "
-                         "0 unchanged")}}},
+    responses={200: {"description": "stored: an OperationOutcome with the counts and a "
+                                    "warning for each dropped line",
+                     "content": {FHIR_JSON: {"example": _IMPORT_WARNED}}},
                400: _OUTCOME, 413: {"description": "the body exceeds the upload limit"},
                415: {"description": "not application/fhir+ndjson"}, 422: _OUTCOME})
 async def import_ndjson(request: Request, session: SessionDep,
@@ -266,18 +281,23 @@ async def import_ndjson(request: Request, session: SessionDep,
     require_media_type(request, NDJSON_TYPES)
     body = await read_limited_body(request, settings.max_upload_bytes)
     try:
-        result = await run_in_threadpool(
-            committed, session, lambda: record_store.ingest_ndjson(session, body))
+        stored = await run_in_threadpool(
+            committed, session, lambda: ndjson_import.import_ndjson(session, body))
     except IngestError as exc:
         return outcome_response(exc)
     wake_jobs(request)
+    result = stored.result
     patients = {e.patient_id for e in result.entries if e.patient_id}
     _note_patient(request, set(patients))
     counts = result.counts()
-    return fhir_json(_information(
-        f"ingested {len(result.entries)} resources for {len(patients)} patient(s): "
-        f"{counts['created']} created, {counts['updated']} updated, "
-        f"{counts['unchanged']} unchanged"))
+    text = (f"ingested {len(result.entries)} resources for {len(patients)} patient(s): "
+            f"{counts['created']} created, {counts['updated']} updated, "
+            f"{counts['unchanged']} unchanged")
+    if stored.dropped_lines:
+        text += f"; {stored.dropped_lines} line(s) dropped (see the warnings)"
+    outcome = _information(text)
+    outcome["issue"] += [w.to_fhir() for w in stored.warnings]
+    return fhir_json(outcome)
 
 
 #: (resource type or None for system level, kind, name, path template) of every FHIR
@@ -292,8 +312,8 @@ _INTERACTIONS: tuple[tuple[str | None, str, str, str, str], ...] = (
     ("RiskAssessment", "interaction", "search-type", "GET", "/fhir/RiskAssessment"),
 )
 _OPERATION_DOCS = {
-    "import": "Synchronous, one NDJSON file per request (application/fhir+ndjson), all or "
-              "nothing.",
+    "import": "Synchronous, one NDJSON file per request (application/fhir+ndjson), line by "
+              "line: bad lines are dropped and named as warnings, the rest stored.",
     "predict": "clinfuse's risk prediction: a RiskAssessment with its explanation, for a "
                "posted Bundle (system level) or an ingested patient (instance level). Not "
                "validated for clinical use.",
