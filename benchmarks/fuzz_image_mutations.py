@@ -73,6 +73,7 @@ def _set(ds: Any, keyword: str, vr: str, value: Any) -> None:
     from pydicom.dataelem import DataElement
 
     tag = tag_for_keyword(keyword)
+    assert tag is not None, keyword
     ds[tag] = DataElement(tag, vr, value)
 
 
@@ -161,9 +162,9 @@ def _dicom_op(ds: Any, rng: random.Random) -> str:
     if op == "bad_vr":
         keyword = rng.choice(("Rows", "Columns", "BitsAllocated", "PixelSpacing",
                               "SliceThickness", "NumberOfFrames", "SamplesPerPixel"))
-        vr, value = rng.choice((("LO", "abc"), ("OB", b"\x01\x02\x03"), ("SQ", []),
+        vr, raw = rng.choice((("LO", "abc"), ("OB", b"\x01\x02\x03"), ("SQ", []),
                                 ("UN", b"\xff" * 5), ("DS", "1\\2\\3"), ("FD", [1.0, 2.0])))
-        _set(ds, keyword, vr, value)
+        _set(ds, keyword, vr, raw)
         return f"{keyword} written with VR {vr}"
     if op == "series":
         keyword = rng.choice(("SeriesInstanceUID", "FrameOfReferenceUID", "SOPInstanceUID"))
@@ -233,7 +234,7 @@ def plant_nifti_marker(raw: bytes) -> bytes:
     buf = bytearray(raw)
     header = np.ndarray((), dtype=dtype, buffer=buf)
     header["descrip"] = MARKER.encode()
-    if "patient_id" in dtype.names:
+    if "patient_id" in (dtype.names or ()):
         header["patient_id"] = MARKER.encode()
     return bytes(buf)
 
@@ -283,9 +284,9 @@ def _header_op(header: np.ndarray, names: tuple[str, ...], rng: random.Random) -
         return f"dim[{k}] = {value}"
     if op == "pixdim":
         k = rng.randrange(8)
-        value = rng.choice((0.0, -1.0, float("nan"), float("inf"), 1e30, -0.0, 2.0))
-        header["pixdim"][k] = value
-        return f"pixdim[{k}] = {value}"
+        size = rng.choice((0.0, -1.0, float("nan"), float("inf"), 1e30, -0.0, 2.0))
+        header["pixdim"][k] = size
+        return f"pixdim[{k}] = {size}"
     if op == "srow" and "srow_x" in names:
         row = rng.choice(("srow_x", "srow_y", "srow_z"))
         header[row] = rng.choice(([0, 0, 0, 0], [float("nan")] * 4, [float("inf")] * 4,

@@ -372,11 +372,11 @@ def _hl7_structure(text: str, rng: random.Random) -> tuple[str, str]:
         where += f"-{k}"
     elif op == "version":
         if segments[0].startswith("MSH"):
-            msh = segments[0].split("|")
-            while len(msh) < 12:
-                msh.append("")
-            msh[11] = rng.choice(("2.9", "", "3.0", "2.5.1^XX", "1", "2.3.1", "2.8.2", "x"))
-            segments[0] = "|".join(msh)
+            header = segments[0].split("|")
+            while len(header) < 12:
+                header.append("")
+            header[11] = rng.choice(("2.9", "", "3.0", "2.5.1^XX", "1", "2.3.1", "2.8.2", "x"))
+            segments[0] = "|".join(header)
             return "\r".join(segments), "MSH-12 replaced"
     elif op == "framing":
         return rng.choice(("\x0b" + text + "\x1c\r", "\x0b" + text, text + "\x1c",

@@ -314,9 +314,8 @@ class NiftiTarget(Target):
             path.write_bytes(data)
             path.with_suffix(".img").write_bytes(bytes(_pair_image_size(raw)))
         elif gzipped or rng.random() < 0.2:
-            packed = gzip.compress(data, compresslevel=1, mtime=0)
+            packed = bytearray(gzip.compress(data, compresslevel=1, mtime=0))
             if rng.random() < 0.15:  # a damaged stream: truncated or with a flipped byte
-                packed = bytearray(packed)
                 cut = rng.randrange(10, len(packed))
                 if rng.random() < 0.5:
                     packed = packed[:cut]

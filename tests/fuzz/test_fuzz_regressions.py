@@ -145,7 +145,7 @@ def test_dicomdir_whose_records_are_not_a_sequence_is_refused(tmp_path: Path) ->
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+    ds.file_meta.MediaStorageSOPClassUID = UID("1.2.840.10008.1.3.10")
     ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     ds.SOPClassUID = "1.2.840.10008.1.3.10"
     ds.add_new(0x00041220, "OB", b"\x01\x02\x03\x04")  # DirectoryRecordSequence
