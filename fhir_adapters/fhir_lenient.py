@@ -255,8 +255,6 @@ def _line_item(line: bytes, label: str) -> tuple[_Item | None, Issue | None]:
         obj = _load_json(text)
     except IngestError as e:
         return None, e.issues[0]
-    except RecursionError:
-        return None, Issue("structure", "JSON nested too deeply to read")
     bad = _check_resource_type(obj, "", None)
     if bad is not None:
         return None, bad

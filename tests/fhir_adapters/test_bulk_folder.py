@@ -18,6 +18,7 @@ import pytest
 
 from fhir_adapters.bounded_gzip import gunzip_bounded
 from fhir_adapters.errors import IngestError, NotPatientData
+from fhir_adapters.fhir_json import records_from_json
 from fhir_adapters.fhir_lenient import read_document, read_ndjson
 from fhir_adapters.sources import read_file, read_sources
 from tests.fhir_adapters.bulk_export import (
@@ -30,6 +31,7 @@ from tests.fhir_adapters.bulk_export import (
     observation,
     patient,
 )
+from tests.shared_data import shared_data_dir
 
 PID = "urn:uuid:22222222-2222-4222-8222-222222222222"
 
@@ -259,3 +261,21 @@ def test_nothing_but_organizations_is_not_patient_data() -> None:
     with pytest.raises(NotPatientData, match="Organization"):
         read_ndjson({"Organization.ndjson": ndjson([org])})
     assert read_ndjson({"": ndjson([org])}, require_patients=False).kept[0][1] == 1
+
+
+# --------------------------------------------------------------------------- shared real data
+
+
+def test_real_files_read_element_by_element_as_the_all_or_nothing_reader_does() -> None:
+    # Good data loses nothing to the element-by-element reader, and gains no warning.
+    paths = sorted(shared_data_dir("fhir/synthea_r4_bundles").glob("[A-Z]*_*.json"))
+    assert len(paths) == 10
+    for path in paths:
+        data = path.read_bytes()
+        read = read_document(data, path.name)
+        assert read.records == records_from_json(data), path.name
+        assert read.warnings == []
+    report = read_sources([shared_data_dir("fhir/hl7_r4_official_examples")])
+    assert report.rejected == [] and report.warnings == []
+    assert "package.json" in _reasons(report)  # the package manifest: JSON, not FHIR
+    assert len(report.skipped) == 14
