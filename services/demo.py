@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fhir_adapters.sources import read_records
+from fhir_adapters.sources import read_sources
 from pipelines.ehr_features import EHRFeatureBuilder
 from pipelines.feature_spec import DEFAULT_SPEC
 from pipelines.manifest import read_manifest
@@ -46,9 +46,12 @@ def run_demo(out: Path, *, patients: int = 300, seed: int = 7) -> pd.DataFrame:
     else:
         log.info("reusing the synthetic cohort in %s", cohort)
 
-    records, errors = read_records([cohort / "fhir", cohort / "hl7"])
-    if errors:
-        raise ValueError(f"{len(errors)} demo file(s) failed to ingest; first: {errors[0]}")
+    report = read_sources([cohort / "fhir", cohort / "hl7"])
+    # A skipped file (a .DS_Store the desktop left) is fine; a rejected one is a bug.
+    if report.rejected:
+        raise ValueError(f"{len(report.rejected)} demo file(s) failed to ingest; first: "
+                         f"{report.rejected[0]}")
+    records = report.records
     log.info("read %d patient records from FHIR and HL7 v2 files", len(records))
 
     manifest = read_manifest(cohort / "manifest.csv")
