@@ -306,7 +306,7 @@ def _hl7_structure(text: str, rng: random.Random) -> tuple[str, str]:
         if choices:
             i, line = rng.choice(choices)
             fields = line.split("|")
-            seg = fields[0]
+            seg = line[:3]  # MSH's own field separator may have been mutated
             k = rng.choice(_DATE_FIELDS[seg])
             k_idx = k - 1 if seg == "MSH" else k
             while len(fields) <= k_idx:

@@ -49,6 +49,7 @@ def summarise(fmt: str, seed: int, outcomes: list[Outcome], wall_s: float,
         "inputs": len(outcomes), "seed": seed,
         "tracebacks": kinds["traceback"], "hangs": kinds["hang"], "crashes": kinds["crash"],
         "leaks": kinds["leak"], "unlocated": kinds["unlocated"],
+        "harness_errors": kinds["harness"],
         "outcomes": {k: kinds[k] for k in ("ok", "refused", *FAILURES)},
         "refused_by_type": dict(refused.most_common()),
         "wall_s": round(wall_s, 1),
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_write:
         _write(by_format, started)
     failed = sum(r[k] for r in by_format.values()
-                 for k in ("tracebacks", "hangs", "crashes", "leaks", "unlocated"))
+                 for k in ("tracebacks", "hangs", "crashes", "leaks", "unlocated",
+                           "harness_errors"))
     return 1 if failed else 0
 
 

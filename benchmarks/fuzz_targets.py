@@ -16,6 +16,9 @@ uses on it. :func:`run_case` classifies what happened:
     An accepted error that does not name the input, or whose text (or a warning on a
     returned record) contains the marker, i.e. a patient's value.
 
+``harness``
+    The mutator itself failed to make the input (a bug here, not in the reader).
+
 ``hang`` and ``crash`` are assigned by :mod:`benchmarks.fuzz_isolation`, which runs cases
 in a separate process under a time and memory bound.
 """
@@ -57,7 +60,7 @@ __all__ = ["FORMATS", "SHARED", "Outcome", "Target", "case_rng", "make_target", 
 #: Same location rule as tests/shared_data.py.
 SHARED = Path(os.environ.get("CLINFUSE_SHARED_DATA", "/work/shared/data"))
 FORMATS = ("fhir", "hl7v2", "dicom", "nifti", "manifest")
-FAILURES = ("traceback", "hang", "crash", "unlocated", "leak")
+FAILURES = ("traceback", "hang", "crash", "unlocated", "leak", "harness")
 
 Thunk = Callable[[], list[str]]
 
@@ -467,7 +470,10 @@ def run_case(target: Target, fmt: str, seed: int, index: int, scratch: Path,
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    description, thunk = target.case(case_rng(fmt, seed, index), folder)
+    try:
+        description, thunk = target.case(case_rng(fmt, seed, index), folder)
+    except Exception as exc:
+        return Outcome(index, "harness", "(not generated)", type(exc).__name__, _frames(exc))
     if on_start is not None:
         on_start(description)
     started = time.perf_counter()

@@ -102,6 +102,16 @@ def _read_note(path: Path, where: str) -> str:
     except OSError as exc:
         raise ManifestError(f"{where} names a file that cannot be read "
                             f"({exc.strerror or type(exc).__name__})") from None
+    except ValueError:  # a NUL character in the path
+        raise ManifestError(f"{where} is not a usable file path") from None
+
+
+def _exists(path: Path) -> bool:
+    """Path.exists, False for names the OS refuses (too long, a NUL character)."""
+    try:
+        return path.exists()
+    except (OSError, ValueError):
+        return False
 
 
 def _blank(value: object) -> bool:
@@ -243,7 +253,7 @@ def _validate(m: CohortManifest, *, check_files: bool) -> None:
         for column in ("image", "note_path"):
             if column not in frame.columns:
                 continue
-            absent = pd.Series([not _blank(v) and not (m.root / str(v)).exists()
+            absent = pd.Series([not _blank(v) and not _exists(m.root / str(v))
                                 for v in frame[column]], index=frame.index)
             if absent.any():
                 raise ManifestError(f"{where}: column {column!r} names files that don't exist "

@@ -9,6 +9,7 @@ names the transfer syntax and both ways to decode it.
 
 from __future__ import annotations
 
+import re
 import struct
 
 import numpy as np
@@ -26,7 +27,8 @@ from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
 __all__ = [
-    "GPL_EXTRA", "decode_pixels", "invert_monochrome1", "modality_values", "transfer_syntax",
+    "GPL_EXTRA", "decode_pixels", "invert_monochrome1", "modality_values", "shown_code",
+    "transfer_syntax",
 ]
 
 #: The optional extra that brings the GPL JPEG decoder (pylibjpeg-libjpeg).
@@ -84,8 +86,8 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(
-            f"no pixel data (Modality {ds.get('Modality', 'unknown')}, "
-            f"SOPClassUID {ds.get('SOPClassUID', 'unknown')})", source=source)
+            f"no pixel data (Modality {shown_code(ds.get('Modality'))}, "
+            f"SOPClassUID {shown_code(ds.get('SOPClassUID'))})", source=source)
     ts = transfer_syntax(ds, source)
     if ds.file_meta.get("TransferSyntaxUID") is None:
         # Raw datasets read with force=True: pydicom needs the syntax in the meta to decode.
@@ -113,6 +115,10 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         first = "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         raise ImageError(f"cannot decode transfer syntax {ts} ({ts.name}): {first}",
                          source=source) from exc
+    except MemoryError as exc:
+        # Rows x Columns x NumberOfFrames from a corrupt header can ask for terabytes.
+        raise ImageError("the decoded pixel data would not fit in memory (Rows, Columns, "
+                         "NumberOfFrames or BitsAllocated too large?)", source=source) from exc
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, struct.error) as exc:
         # Truncated pixel data, wrong VR, unparsable group-0028 values or a broken
         # encapsulation offset table end up here.
@@ -140,6 +146,21 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         arr = arr[np.newaxis]
     # Big-endian buffers are viewed as-is by pydicom; make them native for everything after.
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+
+
+_SHOWN_CODE = re.compile(r"[A-Z0-9 _]{1,16}|[0-9.]{1,64}")
+
+
+def shown_code(value: object) -> str:
+    """A code string (Modality) or UID for a message, only if it looks like one.
+
+    A corrupt header can put anything where a code belongs, a patient's name included,
+    so anything else is reported as unreadable rather than echoed.
+    """
+    text = str(value).strip() if value is not None else ""
+    if not text:
+        return "absent"
+    return text if _SHOWN_CODE.fullmatch(text) else "unreadable"
 
 
 # Decoders tried first, where more than one is installed for a transfer syntax.

@@ -19,7 +19,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.sequence import Sequence
 from pydicom.valuerep import VR as VR_
 
-from pipelines.imaging.decode import transfer_syntax
+from pipelines.imaging.decode import shown_code, transfer_syntax
 from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
@@ -162,7 +162,7 @@ def discover(src: Path) -> Discovery:
         if "PixelData" not in ds and "FloatPixelData" not in ds and \
                 "DoubleFloatPixelData" not in ds:
             found.rejected.append(Rejected(
-                source, f"no pixel data (Modality {ds.get('Modality', 'unknown')})"))
+                source, f"no pixel data (Modality {shown_code(ds.get('Modality'))})"))
             continue
         try:
             transfer_syntax(ds, source)

@@ -140,6 +140,35 @@ def test_gdcm_is_not_the_decoder_where_another_is_installed(ts: str, plugin: str
     assert _decoding_plugin(UID(ts)) == plugin
 
 
+def test_frame_count_too_large_for_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MemoryError from pydicom allocating NumberOfFrames x Rows x Columns (99,999,999
+    frames of a mutated RLE file); the allocation is made to fail here as RLIMIT_AS did."""
+    ds = rle_slice(10_000)  # past the end: nothing inserted
+    ds.NumberOfFrames = 99_999_999
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise MemoryError
+
+    monkeypatch.setattr(np, "empty", refuse)
+    with pytest.raises(ImageError) as caught:
+        decode_pixels(ds, "rle.dcm")
+    assert caught.value.reason.startswith("the decoded pixel data would not fit in memory")
+
+
+def test_garbage_modality_is_not_echoed(tmp_path: Path) -> None:
+    """A shifted header put a patient's name into Modality, and the 'no pixel data'
+    notice quoted it."""
+    path = ct_slice(tmp_path / "ct.dcm")
+    ds = read_dicom(path)
+    del ds.PixelData
+    ds.Modality = "Doe^Jane"
+    ds.save_as(path, enforce_file_format=False)
+    with pytest.raises(ImageError) as caught:
+        dicom_to_nifti(path, tmp_path / "out.nii")
+    assert "Doe" not in str(caught.value)
+    assert "no pixel data (Modality unreadable)" in str(caught.value)
+
+
 def test_dicomdir_whose_records_are_not_a_sequence_is_refused(tmp_path: Path) -> None:
     """TypeError from pydicom (or iterating bytes) on a DICOMDIR with a mangled record VR."""
     ds = Dataset()
@@ -194,6 +223,15 @@ def test_empty_sidecar_lists_mean_none(tmp_path: Path) -> None:
     manifest = read_manifest(path)
     assert manifest.sensitive == [] and manifest.categorical == []
     assert manifest.feature_columns == ["age"]
+
+
+def test_image_path_the_os_refuses_counts_as_missing(tmp_path: Path) -> None:
+    """OSError (File name too long) from Path.exists on a mangled image cell."""
+    path = write_manifest(tmp_path, f"patient_id,label,image\np1,0,{'x' * 300}.png\n")
+    with pytest.raises(ManifestError) as caught:
+        read_manifest(path)
+    assert str(caught.value) == (f"{path}: column 'image' names files that don't exist on "
+                                 "line(s) 2")
 
 
 def test_rows_longer_than_the_header_are_refused_not_shifted(tmp_path: Path) -> None:
