@@ -10,17 +10,21 @@ brainordinates, not voxels, and are refused.
 
 from __future__ import annotations
 
+import logging
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from pipelines.imaging.spacing import repair_affine
 from pipelines.imaging.volume import ImageError, Volume
 
 __all__ = ["load_nifti"]
+
+log = logging.getLogger(__name__)
 
 # NIfTI intent codes 3000-3099 are reserved for CIFTI (ConnUnknown ... ConnParcelSries).
 _CIFTI_INTENTS = range(3000, 3100)
@@ -85,12 +89,38 @@ def load_nifti(path: Path) -> Volume:
     except Exception:  # nibabel's quaternion maths on a corrupt header
         best = np.full((4, 4), np.nan)
     affine, unknown = repair_affine(best, source)
+    unknown = unknown or _zero_pixdim(image, source)
     metadata["SpacingKnown"] = unknown is None
     if unknown is not None:
         metadata["SpacingUnknownReason"] = unknown
     provenance = [{"step": "load_nifti", "package": "nibabel", "version": version("nibabel"),
                    "arguments": {"path": source}}]
     return Volume(data, affine, metadata, provenance)
+
+
+def _zero_pixdim(image: nib.analyze.AnalyzeImage, source: str) -> str | None:
+    """Why the spacing is unknown when the stored pixdim was 0 or not finite, else None.
+
+    nibabel silently sets such pixdim to 1 on load, so the stored header is read again
+    unchecked. Only matters where the affine comes from pixdim (no sform).
+    """
+    header = image.header
+    if "pixdim" not in header or ("sform_code" in header and int(header["sform_code"]) > 0):
+        return None
+    try:
+        holder = image.file_map.get("header") or image.file_map["image"]  # .nii: one file
+        with ImageOpener(holder.filename) as f:
+            raw = type(header).from_fileobj(f, check=False)["pixdim"]
+    except Exception:  # the checked read already succeeded; this is a best-effort look
+        return None
+    n = min(3, int(header["dim"][0]))
+    bad = [i for i in range(n) if not np.isfinite(raw[1 + i]) or raw[1 + i] == 0]
+    if not bad:
+        return None
+    reason = (f"pixdim: zero or non-finite voxel size along {', '.join('ijk'[i] for i in bad)}"
+              " (1 mm assumed)")
+    log.warning("%s: %s", source, reason)
+    return reason
 
 
 def _intent_code(image: object) -> int:
