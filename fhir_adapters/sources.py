@@ -16,6 +16,7 @@ whole bulk export).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -98,7 +99,7 @@ def read_file_result(path: Path, *, strict: bool = False,
                 return FileResult(source, records_from_ndjson(data, source, strict=True))
             return _result(source, read_ndjson({source: data}, source))
         if fmt == "hl7":
-            return FileResult(source, _records_from_hl7(data, source))
+            return _hl7_file(data, source, strict)
         raise NotPatientData(Issue("not-supported", "not a FHIR JSON, NDJSON or HL7 v2 file "
                                    f"(suffix {path.suffix or 'none'!r}, content not recognised)"))
     except IngestError as e:
@@ -256,7 +257,11 @@ def _with_source(error: IngestError, source: str) -> IngestError:
     return type(error)(error.issues, source=source)
 
 
-def _records_from_hl7(data: bytes, source: str) -> list[PatientRecord]:
+def _hl7_file(data: bytes, source: str, strict: bool) -> FileResult:
+    """An HL7 v2 file: a message that cannot be read is dropped alone, as a file notice.
+
+    Under ``strict`` anything nulled or dropped rejects the whole file instead.
+    """
     try:
         from fhir_adapters.hl7v2 import records_from_hl7
     except ImportError:
@@ -267,8 +272,16 @@ def _records_from_hl7(data: bytes, source: str) -> list[PatientRecord]:
     except UnicodeDecodeError:
         # HL7 v2's default character set (MSH-18 empty) is ASCII, commonly sent as Latin-1.
         text = data.decode("latin-1")
-    result: list[PatientRecord] = records_from_hl7(text, source)
-    return result
+    dropped: list[IngestError] = []
+    records = records_from_hl7(text, source, errors=dropped)
+    notices = [dataclasses.replace(issue, severity="warning")
+               for error in dropped for issue in error.issues]
+    if strict:
+        issues = [dataclasses.replace(i, severity="error")
+                  for i in [*notices, *(w for r in records for w in r.warnings)]]
+        if issues:
+            raise IngestError(issues, source=source)
+    return FileResult(source, records, notices)
 
 
 def _link_by_resource_id(records: list[PatientRecord]) -> list[PatientRecord]:

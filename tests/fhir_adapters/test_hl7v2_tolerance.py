@@ -362,3 +362,21 @@ def test_ack_for_v2_3_puts_warnings_in_err_1() -> None:
     record = one_record(text)
     ack = build_ack(text, "AA", record.warnings, control_id="A1")
     assert ack.split("\r")[1:] == ["MSA|AA|NBS1", "ERR|OBX^1^14^102&Data type error&HL70357"]
+
+
+def test_a_file_with_one_unreadable_message_keeps_the_other_and_notes_it(tmp_path: Any) -> None:
+    from fhir_adapters.sources import read_file_result
+
+    path = tmp_path / "feed.hl7"
+    unreadable = oru(nm(1), version="9.9", control="NBS2")
+    path.write_text((oru(nm(1, when=IMPOSSIBLE)) + unreadable).replace("\r", "\n"))
+    result = read_file_result(path)
+    assert result.error is None
+    assert [r.key.value for r in result.records if r.key] == [MRN]
+    assert [w.where() for w in result.records[0].warnings] == ["OBX[1]-14"]
+    assert [(n.where(), n.severity) for n in result.notices] == [("MSH[1]-12", "warning")]
+    assert "message 2" in result.notices[0].diagnostics
+
+    strict = read_file_result(path, strict=True)
+    assert strict.records == [] and strict.error is not None
+    assert {i.where() for i in strict.error.issues} == {"MSH[1]-12", "OBX[1]-14"}
