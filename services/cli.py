@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +117,39 @@ def _fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _one_line(body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """An imaging or model command whose every failure is one line on stderr and exit 1.
+
+    The command bodies print their expected failures themselves (ImageError, ManifestError,
+    ...). Anything else is a decoder or library fault whose message may quote header or
+    patient values, so only its type and where it was raised are shown (the traceback
+    goes to the debug log, ``--verbose``).
+    """
+    @functools.wraps(body)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return body(args)
+        except Exception as exc:
+            from services.jobs import located_error
+
+            log.debug("clinfuse %s failed", args.command, exc_info=True)
+            if isinstance(exc, OSError) and exc.strerror:
+                reason = f"{exc.strerror}" + (f": {exc.filename}" if exc.filename else "")
+            else:
+                reason = f"unexpected {located_error(exc)}"
+            sys.stderr.write(f"clinfuse {args.command}: {reason}\n")
+            return 1
+    return run
+
+
+@_one_line
 def _dicom2nifti(args: argparse.Namespace) -> int:
     from pipelines.imaging.convert import main_dicom2nifti
 
     return main_dicom2nifti(Path(args.src), Path(args.out), resample=args.resample)
 
 
+@_one_line
 def _series(args: argparse.Namespace) -> int:
     from pipelines.imaging.selection import main_series
 
@@ -135,6 +163,7 @@ def _deid(args: argparse.Namespace) -> int:
                      on_burned_in="flag" if args.flag_burned_in else "refuse")
 
 
+@_one_line
 def _train(args: argparse.Namespace) -> int:
     from pipelines.training import main_train
 
@@ -149,6 +178,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                          trusted_keys=args.trusted_key, device=args.device, seed=args.seed)
 
 
+@_one_line
 def _score(args: argparse.Namespace) -> int:
     from pipelines.scoring import main_score
 

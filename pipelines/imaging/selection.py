@@ -475,11 +475,12 @@ def main_series(src: Path, rules_path: Path | None) -> int:
     except ImageError as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
+    if not infos:
+        skipped = f" ({n_rejected} file(s) skipped: not DICOM images)" if n_rejected else ""
+        sys.stderr.write(f"error: no DICOM series found under {src}{skipped}\n")
+        return 1
     if n_rejected:
         sys.stderr.write(f"{n_rejected} file(s) skipped (not DICOM images)\n")
-    if not infos:
-        sys.stderr.write(f"no DICOM series found under {src}\n")
-        return 1
     header = ("SeriesInstanceUID", "Modality", "BodyPart", "Plane", "Thick", "Slices", "Rules")
     rows = [header]
     for info in sorted(infos, key=lambda i: (i.Modality or "", i.SeriesInstanceUID)):
