@@ -69,7 +69,7 @@ def evaluate_model(model_dir: str | Path, manifest_path: str | Path, out_dir: st
     """
     model_dir = Path(model_dir)
     model = load_model(model_dir, trusted_keys=trusted_keys, device=device)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, strict=False)
     pids_all = manifest.frame["patient_id"].astype(str).to_numpy()
     warnings: list[str] = []
     salt = _salt_for(model_dir, salt_path)

@@ -21,6 +21,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from fhir_adapters.errors import Issue
+
 __all__ = ["RESERVED_COLUMNS", "CohortManifest", "ManifestError", "read_manifest"]
 
 RESERVED_COLUMNS = ("example_id", "patient_id", "label", "index_time", "image", "note",
@@ -42,10 +44,18 @@ class CohortManifest:
     categorical: list[str] = field(default_factory=list)
     include_sensitive: bool = False
     sidecar: dict[str, Any] = field(default_factory=dict)
+    #: File line of each row (rows may have been dropped); None: row i is on line i + 2.
+    lines: list[int] | None = None
+    #: Located, value-free notices of dropped rows and nulled cells (pipelines.manifest_rows).
+    warnings: list[Issue] = field(default_factory=list)
 
     @property
     def root(self) -> Path:
         return self.path.parent
+
+    def line_of(self, row: int) -> int:
+        """The file line of row ``row`` (by position), as a spreadsheet numbers it."""
+        return self.lines[row] if self.lines is not None else int(row) + 2
 
     @property
     def feature_columns(self) -> list[str]:
@@ -78,7 +88,7 @@ class CohortManifest:
             for i, v in enumerate(self.frame["note_path"]):
                 if out[i] is None and not _blank(v):
                     out[i] = _read_note(self.root / str(v), f"{self.path}: column "
-                                        f"'note_path' on line {i + 2}")
+                                        f"'note_path' on line {self.line_of(i)}")
         return out
 
     def modalities_present(self) -> pd.DataFrame:
@@ -129,14 +139,20 @@ def read_manifest(
     categorical: Sequence[str] | None = None,
     include_sensitive: bool | None = None,
     check_files: bool = True,
+    strict: bool = True,
 ) -> CohortManifest:
     """Read and validate a cohort manifest. Keyword arguments override the sidecar.
+
+    With ``strict=False`` (what ``clinfuse train``, ``score`` and ``evaluate`` use) a bad
+    row is dropped and a bad cell nulled, each with a located warning in ``warnings``
+    (:mod:`pipelines.manifest_rows`); only a manifest unusable as a whole is refused.
 
     Raises
     ------
     ManifestError
-        Missing required columns, labels other than 0/1, bad index times,
-        duplicate example ids, or image/note paths that don't exist.
+        Unreadable table or sidecar, missing required columns, or no usable row; when
+        ``strict``, also labels other than 0/1, bad index times, duplicate example ids,
+        non-numeric feature values, or image/note paths that don't exist.
     """
     path = Path(path)
     if not path.exists():
@@ -153,8 +169,26 @@ def read_manifest(
                                else sidecar.get("include_sensitive", False)),
         sidecar=sidecar,
     )
+    if not strict:
+        _tolerate(manifest, check_files=check_files)
     _validate(manifest, check_files=check_files)
     return manifest
+
+
+def _tolerate(m: CohortManifest, *, check_files: bool) -> None:
+    """Drop bad rows and null bad cells, with warnings; refuse if no row survives."""
+    from pipelines.manifest_rows import tolerate_rows
+
+    missing = [c for c in REQUIRED_COLUMNS if c not in m.frame.columns]
+    if missing:
+        raise ManifestError(f"{m.path}: missing required column(s) {missing}")
+    numeric = [c for c in m.feature_columns if c not in m.categorical and c not in m.sensitive]
+    frame, lines, issues = tolerate_rows(m.frame, str(m.path), numeric, m.root,
+                                         _exists if check_files else (lambda _: True), _blank)
+    if frame.empty:
+        raise ManifestError(f"{m.path}: no usable row ({len(issues)} problem(s); first: "
+                            f"{issues[0].diagnostics.removeprefix(f'{m.path}: ')})")
+    m.frame, m.lines, m.warnings = frame, lines, issues
 
 
 def _read_table(path: Path) -> pd.DataFrame:

@@ -229,7 +229,7 @@ def load_images(manifest: CohortManifest, rows: np.ndarray, config: PreprocessCo
         results = list(_bar(map(_load_one, jobs), len(jobs), progress))
     bad = [(int(r), err) for r, (_, err) in zip(have, results, strict=True) if err is not None]
     if bad and len(bad) == len(have):
-        lines = ", ".join(str(r + 2) for r, _ in bad[:5])
+        lines = ", ".join(str(manifest.line_of(r)) for r, _ in bad[:5])
         raise ModelDataError(f"{manifest.path}: {len(bad)} image(s) could not be used "
                              f"(line(s) {lines}{' ...' if len(bad) > 5 else ''}); first: "
                              f"{bad[0][1]}")
@@ -238,9 +238,9 @@ def load_images(manifest: CohortManifest, rows: np.ndarray, config: PreprocessCo
         column = manifest.frame.columns.get_loc("image")
         for r, err in bad:
             manifest.frame.iat[r, column] = None
-            dropped.append((r + 2, err))
+            dropped.append((manifest.line_of(r), err))
             log.warning("%s: line %d: image dropped (the row is used without it): %s",
-                        manifest.path, r + 2, err)
+                        manifest.path, manifest.line_of(r), err)
         log.warning("%s: %d of %d image(s) dropped as unusable", manifest.path, len(bad),
                     len(have))
     ok = [(int(r), k) for r, (k, err) in zip(have, results, strict=True) if err is None]

@@ -193,7 +193,7 @@ def score(model_dir: str | Path, manifest_path: str | Path, out_csv: str | Path,
           progress: bool = False) -> pd.DataFrame:
     """Score every row of a manifest and write ``out_csv``; returns the table."""
     model = load_model(model_dir, trusted_keys=trusted_keys, device=device)
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, strict=False)
     with tempfile.TemporaryDirectory(prefix="clinfuse-score-") as tmp:
         cache = Path(cache_dir) if cache_dir is not None else Path(tmp)
         inputs = model.inputs(manifest, cache, workers=workers, progress=progress)

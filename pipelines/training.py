@@ -269,7 +269,7 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         raise TrainingError(f"{out_dir} already exists; write the new model to a new directory")
     cache = Path(cache_dir) if cache_dir is not None else out_dir.with_name(out_dir.name +
                                                                             ".cache")
-    manifest = read_manifest(manifest_path)
+    manifest = read_manifest(manifest_path, strict=False)
     frame = manifest.frame
     y = frame["label"].to_numpy(int)
     pids = frame["patient_id"].astype(str).to_numpy()
@@ -604,10 +604,10 @@ def _spatial_dims(manifest: CohortManifest, image_rows: np.ndarray, channels: in
         try:
             return spatial_dims_of(model_volume(path, channels))
         except ImageError as exc:
-            first_error = first_error or (int(r), exc.reason)
+            first_error = first_error or (manifest.line_of(int(r)), exc.reason)
     assert first_error is not None
     raise ModelDataError(f"{manifest.path}: the images could not be read (none of "
-                         f"{len(image_rows)}); first, on line {first_error[0] + 2}: "
+                         f"{len(image_rows)}); first, on line {first_error[0]}: "
                          f"{first_error[1]}")
 
 
