@@ -236,6 +236,7 @@ def load_images(manifest: CohortManifest, rows: np.ndarray, config: PreprocessCo
     dropped = []
     if bad:
         column = manifest.frame.columns.get_loc("image")
+        assert isinstance(column, int)  # "image" is one column
         for r, err in bad:
             manifest.frame.iat[r, column] = None
             dropped.append((manifest.line_of(r), err))

@@ -109,6 +109,8 @@ def _zero_pixdim(image: nib.analyze.AnalyzeImage, source: str) -> str | None:
         return None
     try:
         holder = image.file_map.get("header") or image.file_map["image"]  # .nii: one file
+        if holder.filename is None:
+            return None
         with ImageOpener(holder.filename) as f:
             raw = type(header).from_fileobj(f, check=False)["pixdim"]
     except Exception:  # the checked read already succeeded; this is a best-effort look

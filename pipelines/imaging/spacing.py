@@ -85,7 +85,7 @@ def pixel_spacing(ds: Dataset | None, source: str, tags: Sequence[str] = PLANAR_
     """
     if ds is None:
         ds = Dataset()
-    skipped = []
+    skipped: list[str] = []
     for tag in tags:
         value = ds.get(tag)
         if value is None or value == "":
