@@ -21,6 +21,8 @@ from pydicom.uid import (
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
 )
 
 from pipelines.imaging.header import header_value
@@ -40,6 +42,7 @@ _NEEDS_LIBJPEG = {JPEGExtended12Bit, JPEGLossless, JPEGLosslessSV1}
 # Native little-endian pixel data is the stored integers as they lie in memory on every
 # host we run on, so it can be viewed in place instead of going through pydicom's decoder.
 _NATIVE_LITTLE_ENDIAN = {ImplicitVRLittleEndian, ExplicitVRLittleEndian}
+_JPEG_LS = {JPEGLSLossless, JPEGLSNearLossless}
 
 
 def _decoder_available(ts: UID) -> bool:
@@ -101,6 +104,8 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         native = _native_grey(ds)
         if native is not None:
             return native
+    if ts in _JPEG_LS:
+        _check_jpeg_ls_frames(ds, source)
     plugin = _decoding_plugin(ts)
     try:
         if plugin:
@@ -119,6 +124,9 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         # Rows x Columns x NumberOfFrames from a corrupt header can ask for terabytes.
         raise ImageError("the decoded pixel data would not fit in memory (Rows, Columns, "
                          "NumberOfFrames or BitsAllocated too large?)", source=source) from exc
+    except StopIteration as exc:
+        raise ImageError("NumberOfFrames is more than the frames in the encapsulated pixel "
+                         "data", source=source) from exc
     except (ValueError, TypeError, AttributeError, KeyError, IndexError, struct.error) as exc:
         # Truncated pixel data, wrong VR, unparsable group-0028 values or a broken
         # encapsulation offset table end up here.
@@ -146,6 +154,26 @@ def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
         arr = arr[np.newaxis]
     # Big-endian buffers are viewed as-is by pydicom; make them native for everything after.
     return np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("=")))
+
+
+def _check_jpeg_ls_frames(ds: Dataset, source: str) -> None:
+    """Refuse JPEG-LS frames that do not end with the end-of-image marker.
+
+    CharLS spends seconds per frame failing on a truncated stream, so a cut-off file
+    would stall a series load; an intact frame ends with FFD9 (plus an even-length pad).
+    """
+    from pydicom.encaps import generate_frames
+
+    try:
+        frames = list(generate_frames(ds.PixelData, number_of_frames=_number_of_frames(
+            ds, source)))
+    except (ValueError, TypeError, struct.error, StopIteration) as exc:
+        raise ImageError("corrupt encapsulated pixel data (item lengths or offsets do not "
+                         "fit the data)", source=source) from exc
+    for number, frame in enumerate(frames, start=1):
+        if not frame.rstrip(b"\0").endswith(b"\xff\xd9"):
+            raise ImageError(f"JPEG-LS frame {number} is truncated (no end-of-image marker)",
+                             source=source)
 
 
 _SHOWN_CODE = re.compile(r"[A-Z0-9 _]{1,16}|[0-9.]{1,64}")

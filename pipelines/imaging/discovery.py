@@ -114,8 +114,10 @@ def _check_vrs(ds: Dataset, source: str) -> None:
     pydicom's NotImplementedError wherever the element is first used. Only the raw
     elements' VR codes are looked at; no value is converted here.
     """
-    # The raw store itself: Dataset.elements() converts private elements as it goes.
-    for elem in ds._dict.values():
+    # The raw stores themselves: Dataset.elements() converts private elements as it goes.
+    meta = getattr(ds, "file_meta", None)
+    raw = [*ds._dict.values(), *(meta._dict.values() if meta is not None else ())]
+    for elem in raw:
         vr = elem.VR
         if vr is not None and vr not in _KNOWN_VRS:
             raise ImageError(f"unreadable DICOM header: element {elem.tag} has an unknown "
@@ -222,7 +224,8 @@ def _dicomdir_files(path: Path) -> Iterator[tuple[str, Path]]:
     ds = read_dicom(path)
     try:
         records = ds.get("DirectoryRecordSequence")
-    except (TypeError, ValueError) as exc:  # a corrupted VR: pydicom cannot build the items
+    except (TypeError, ValueError, NotImplementedError) as exc:
+        # A corrupted VR: pydicom cannot build the items, or knows no such VR.
         raise ImageError("not a DICOMDIR: its DirectoryRecordSequence is unreadable",
                          source=str(path)) from exc
     if records is None:
@@ -234,7 +237,8 @@ def _dicomdir_files(path: Path) -> Iterator[tuple[str, Path]]:
     for number, record in enumerate(records, start=1):
         try:
             file_id = record.get("ReferencedFileID")
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, NotImplementedError) as exc:  # NotImplementedError:
+            # pydicom's "Unknown Value Representation" inside the record
             raise ImageError(f"DICOMDIR record {number} is unreadable", source=str(path)
                              ) from exc
         if not file_id:

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import (
     UID,
     CTImageStorage,
@@ -138,6 +139,37 @@ def test_gdcm_is_not_the_decoder_where_another_is_installed(ts: str, plugin: str
     """GDCM aborted the process ("terminate called after throwing gdcm::Exception") on a
     JPEG 2000 frame whose component count disagreed with SamplesPerPixel."""
     assert _decoding_plugin(UID(ts)) == plugin
+
+
+def test_more_frames_declared_than_encapsulated_is_refused() -> None:
+    """StopIteration from pydicom's frame generator (NumberOfFrames 3, one RLE frame)."""
+    ds = rle_slice(10_000)  # past the end: nothing inserted
+    ds.NumberOfFrames = 3
+    with pytest.raises(ImageError) as caught:
+        decode_pixels(ds, "rle.dcm")
+    assert caught.value.reason == ("NumberOfFrames is more than the frames in the "
+                                   "encapsulated pixel data")
+
+
+def test_truncated_jpeg_ls_frame_is_refused_before_charls_spends_seconds_on_it() -> None:
+    """A cut-off JPEG-LS frame kept CharLS busy for over 5 s (a hang in the fuzz run)."""
+    ds = rle_slice(10_000)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8\xff\xf7\x00\x0b" + bytes(30)])
+    with pytest.raises(ImageError) as caught:
+        decode_pixels(ds, "ls.dcm")
+    assert caught.value.reason == "JPEG-LS frame 1 is truncated (no end-of-image marker)"
+
+
+def test_unknown_vr_in_file_meta_is_refused(tmp_path: Path) -> None:
+    """NotImplementedError when discovery read MediaStorageSOPClassUID with a flipped VR."""
+    path = ct_slice(tmp_path / "ct.dcm")
+    data = path.read_bytes()
+    tag = b"\x02\x00\x02\x00UI"  # (0002,0002) MediaStorageSOPClassUID
+    assert data.count(tag) == 1
+    path.write_bytes(data.replace(tag, b"\x02\x00\x02\x00UX"))
+    with pytest.raises(ImageError, match=r"element \(0002,0002\) has an unknown value "):
+        read_dicom(path)
 
 
 def test_frame_count_too_large_for_memory_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
