@@ -215,10 +215,6 @@ def _load_json(data: bytes | str, label: str | None = None) -> Any:
         # Arrays or objects nested thousands deep: no FHIR resource is, and the parser
         # would exhaust the stack.
         raise IngestError(Issue("structure", f"{prefix}JSON nested too deeply")) from None
-    except RecursionError:
-        # Arrays or objects nested thousands deep: no FHIR resource is, and the parser
-        # would exhaust the stack.
-        raise IngestError(Issue("structure", f"{prefix}JSON nested too deeply")) from None
     except ValueError as e:
         raise IngestError(Issue("structure", f"{prefix}malformed JSON: {e}")) from None
 
