@@ -260,7 +260,7 @@ def _number_of_frames(ds: Dataset, source: str) -> int:
     try:
         frames = int(value) if value not in (None, "") else 1
     except (TypeError, ValueError) as exc:
-        raise ImageError(f"NumberOfFrames is {value!r}, not an integer (wrong VR or value)",
+        raise ImageError("NumberOfFrames is not an integer (wrong VR or value)",
                          source=source) from exc
     if frames < 1:
         raise ImageError(f"NumberOfFrames is {frames}", source=source)

@@ -75,9 +75,12 @@ def float_list(value: Any, n: int, name: str, source: str) -> list[float]:
         scalar = isinstance(value, str | bytes | int | float) or not hasattr(value, "__iter__")
         values = [float(v) for v in ([value] if scalar else list(value))]
     except (TypeError, ValueError) as exc:
-        raise ImageError(f"{name} is {value!r}, not {n} numbers", source=source) from exc
+        # The value itself is not quoted: a garbled header can hold anything, names included.
+        raise ImageError(f"{name} is not {n} numbers (wrong VR or garbled)",
+                         source=source) from exc
     if len(values) != n or not all(np.isfinite(values)):
-        raise ImageError(f"{name} is {value!r}, not {n} finite numbers", source=source)
+        raise ImageError(f"{name} has {len(values)} value(s), not {n} finite numbers",
+                         source=source)
     return values
 
 
@@ -88,7 +91,8 @@ def _number(ds: Dataset, keyword: str, default: float | None, source: str) -> fl
     try:
         return float(value)
     except (TypeError, ValueError) as exc:
-        raise ImageError(f"{keyword} is {value!r}, not a number", source=source) from exc
+        raise ImageError(f"{keyword} is not a number (wrong VR or garbled)",
+                         source=source) from exc
 
 
 def _int(ds: Dataset, keyword: str, source: str, default: int | None = None) -> int:
@@ -96,7 +100,7 @@ def _int(ds: Dataset, keyword: str, source: str, default: int | None = None) -> 
     try:
         return int(value)
     except (TypeError, ValueError) as exc:
-        raise ImageError(f"{keyword} is {value!r}, not an integer (wrong VR or missing)",
+        raise ImageError(f"{keyword} is not an integer (wrong VR or missing)",
                          source=source) from exc
 
 
@@ -172,7 +176,7 @@ def frames_from_dataset(ds: Dataset, source: str) -> list[Frame]:
     frames = int(ds.get("NumberOfFrames", 1) or 1) if str(
         ds.get("NumberOfFrames", "1")).strip().isdigit() else None
     if frames is None:
-        raise ImageError(f"NumberOfFrames is {ds.get('NumberOfFrames')!r}, not an integer",
+        raise ImageError("NumberOfFrames is not an integer (wrong VR or value)",
                          source=source)
     if frames > 1:
         raise ImageError(f"{frames}-frame object without per-frame geometry "

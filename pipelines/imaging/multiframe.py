@@ -44,7 +44,7 @@ def enhanced_frames(ds: Dataset, source: str, loader: FrameLoader) -> list[Frame
     try:
         n_frames = int(ds.get("NumberOfFrames", len(per_frame)))
     except (TypeError, ValueError) as exc:
-        raise ImageError(f"NumberOfFrames is {ds.get('NumberOfFrames')!r}, not an integer",
+        raise ImageError("NumberOfFrames is not an integer (wrong VR or value)",
                          source=source) from exc
     if n_frames != len(per_frame):
         raise ImageError(f"NumberOfFrames is {n_frames} but there are {len(per_frame)} "

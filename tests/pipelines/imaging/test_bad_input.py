@@ -28,7 +28,7 @@ def anatomical() -> Path:
 
 @pytest.mark.parametrize(("name", "words"), [
     ("MR_truncated.dcm", "corrupt pixel data"),
-    ("badVR.dcm", "NumberOfFrames is '1A'"),
+    ("badVR.dcm", "NumberOfFrames is not an integer"),
     ("meta_missing_tsyntax.dcm", "no (0002,0010) TransferSyntaxUID"),
     ("rtplan.dcm", "no DICOM image series found"),
     # 12-bit JPEG: neither GDCM nor Pillow decodes it; only GPL libjpeg does.
