@@ -274,7 +274,9 @@ def _hl7_file(data: bytes, source: str, strict: bool) -> FileResult:
         text = data.decode("latin-1")
     dropped: list[IngestError] = []
     records = records_from_hl7(text, source, errors=dropped)
-    notices = [dataclasses.replace(issue, severity="warning")
+    for record in records:
+        record.warnings = [_in_file(w, source) for w in record.warnings]
+    notices = [_in_file(dataclasses.replace(issue, severity="warning"), source)
                for error in dropped for issue in error.issues]
     if strict:
         issues = [dataclasses.replace(i, severity="error")
@@ -282,6 +284,11 @@ def _hl7_file(data: bytes, source: str, strict: bool) -> FileResult:
         if issues:
             raise IngestError(issues, source=source)
     return FileResult(source, records, notices)
+
+
+def _in_file(issue: Issue, source: str) -> Issue:
+    """The issue with its file in the text, as FHIR warnings have: records merge across files."""
+    return dataclasses.replace(issue, diagnostics=f"{source}, {issue.where()}: {issue.diagnostics}")
 
 
 def _link_by_resource_id(records: list[PatientRecord]) -> list[PatientRecord]:
