@@ -32,7 +32,7 @@ def _synth(args: argparse.Namespace) -> int:
 
     summary = generate_cohort(args.patients, Path(args.out), seed=args.seed, bias=args.bias,
                               n_slices=args.slices, size=args.size, workers=args.workers,
-                              progress=not args.quiet)
+                              progress=not args.quiet, realism=args.realism)
     sys.stdout.write(summary.to_text() + "\n")
     return 0
 
@@ -374,9 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias", action="store_true",
                    help="plant disparities a fairness audit should find")
     p.add_argument("--slices", type=_positive_int, default=32)
-    p.add_argument("--size", type=_positive_int, default=64, help="in-plane matrix size")
+    p.add_argument("--size", type=_positive_int, default=None,
+                   help="CT in-plane matrix size (default 64); with --realism hard, the "
+                        "radiograph's (default 256)")
     p.add_argument("--workers", type=_positive_int, default=2)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--realism", choices=("default", "hard"), default="default",
+                   help="'hard': 2-D radiographs (PNG/JPEG) whose signal is texture, "
+                        "non-linear EHR effects, rare note phrases, site effects "
+                        "(docs/synthetic-cohort.md)")
     p.set_defaults(func=_synth)
 
     p = sub.add_parser("dicom2nifti", help="write the volume the loader sees as NIfTI")

@@ -11,7 +11,10 @@ and exact posteriors), ``patient`` (one patient's numbers), ``cohort`` (the
 whole cohort, no files), ``notes``, ``phantom`` (CT volume), ``dicom_writer``,
 ``fhir_writer``, ``hl7_writer``, ``features`` (spec features from the generated
 numbers), ``manifest`` (manifest and truth files), ``leakage``, ``writer``
-(per-patient file writing) and ``summary``.
+(per-patient file writing) and ``summary``. ``--realism hard`` (``hard``,
+``hard_model``, ``hard_patient``, ``hard_notes``, ``radiograph``) writes a harder
+world: 2-D radiographs whose signal is texture, non-linear EHR effects, rare note
+phrases and site effects.
 """
 
 from __future__ import annotations
@@ -34,15 +37,19 @@ from pipelines.synth.model import SynthModel
 from pipelines.synth.summary import CohortSummary
 from pipelines.synth.writer import WriteJob, WriteResult, write_patient
 
-__all__ = ["OUTCOME_DEFINITION", "CohortSummary", "SimulatedCohort", "SynthModel",
+__all__ = ["OUTCOME_DEFINITION", "REALISMS", "CohortSummary", "SimulatedCohort", "SynthModel",
            "generate_cohort", "simulate_cohort"]
+
+#: ``clinfuse synth --realism``: the default world, or the hard one (pipelines.synth.hard).
+REALISMS = ("default", "hard")
 
 log = logging.getLogger(__name__)
 
 
 def generate_cohort(n_patients: int, out_dir: Path, *, seed: int = 0, bias: bool = False,
-                    n_slices: int = 32, size: int = 64, workers: int = 2,
-                    progress: bool = False, model: SynthModel | None = None) -> CohortSummary:
+                    n_slices: int = 32, size: int | None = None, workers: int = 2,
+                    progress: bool = False, model: SynthModel | None = None,
+                    realism: str = "default") -> CohortSummary:
     """Write a synthetic cohort of ``n_patients`` into ``out_dir`` and summarise it.
 
     Parameters
@@ -59,18 +66,35 @@ def generate_cohort(n_patients: int, out_dir: Path, *, seed: int = 0, bias: bool
         often for Black or Hispanic patients; lactate recorded 42 % high for
         Black patients).
     n_slices, size : int, default=32, 64
-        CT slices per series and in-plane matrix size.
+        CT slices per series and in-plane matrix size; with ``realism="hard"``,
+        ``n_slices`` is unused and ``size`` is the radiograph's (default 256).
     workers : int, default=2
         Processes writing files; 1 writes in this process.
     progress : bool, default=False
         Show a progress bar on stderr.
     model : SynthModel, optional
         Generative model coefficients; the default meets the AUROC targets.
+    realism : {"default", "hard"}
+        ``"hard"`` writes the world of :mod:`pipelines.synth.hard` (2-D radiographs
+        with a texture signal, non-linear EHR effects, rare note phrases, site
+        effects); ``bias`` and ``model`` apply to the default world only.
 
     Returns
     -------
     CohortSummary
     """
+    if realism not in REALISMS:
+        raise ValueError(f"realism must be one of {list(REALISMS)}, got {realism!r}")
+    if realism == "hard":
+        if bias:
+            raise ValueError("--bias plants its disparities in the default world only; "
+                             "use it without --realism hard")
+        from pipelines.synth.hard import generate_hard_cohort
+
+        return generate_hard_cohort(n_patients, Path(out_dir), seed=seed,
+                                    size=256 if size is None else size, workers=workers,
+                                    progress=progress)
+    size = 64 if size is None else size
     for name, value in (("n_patients", n_patients), ("n_slices", n_slices), ("size", size),
                         ("workers", workers)):
         if value <= 0:

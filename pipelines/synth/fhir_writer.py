@@ -7,6 +7,8 @@ Conditions (SNOMED CT), MedicationRequests (RxNorm), notes as DocumentReference
 with base64 text/plain, an ImagingStudy for the CT series, and for ICU
 transfers an Encounter (class ACUTE, type SNOMED 305351004) after the index.
 Resource ids are UUID5s of (seed, MRN, kind, n), so output is deterministic.
+With ``--realism hard`` the inpatient Encounter names its site (``serviceProvider``)
+and the ImagingStudy is one chest radiograph (DX) instead of a CT series.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from pipelines.synth import codes
 from pipelines.synth.dicom_writer import sop_instance_uid
+from pipelines.synth.hard_patient import HardPatientSim
 from pipelines.synth.patient import PatientSim
 
 __all__ = ["bundle", "iso"]
@@ -71,6 +74,9 @@ def bundle(p: PatientSim, *, seed: int, n_slices: int) -> dict[str, Any]:
         "subject": pat_ref, "period": {"start": iso(p.admission)},
         "reasonCode": [_concept(codes.SNOMED, p.reason[0], p.reason[1])],
     })
+    hard = isinstance(p, HardPatientSim)
+    if isinstance(p, HardPatientSim):  # --realism hard: the site (hospital) of the admission
+        resources[-1]["serviceProvider"] = {"display": p.site}
     if p.event_type == "icu" and p.event_time is not None:
         resources.append({
             "resourceType": "Encounter", "id": ids("encounter", 2), "status": "in-progress",
@@ -112,7 +118,9 @@ def bundle(p: PatientSim, *, seed: int, n_slices: int) -> dict[str, Any]:
                                         "data": data, "creation": iso(note.time)}}],
             "context": {"encounter": [enc_ref], "period": {"start": iso(note.time)}},
         })
-    if not p.withheld_imaging:
+    if not p.withheld_imaging and hard:
+        resources.append(_radiograph_study(p, ids("imaging"), pat_ref, enc_ref))
+    elif not p.withheld_imaging:
         resources.append(_imaging_study(p, ids("imaging"), pat_ref, enc_ref, seed, n_slices))
     entries = []
     for res in resources:
@@ -192,4 +200,23 @@ def _imaging_study(p: PatientSim, rid: str, pat_ref: dict[str, str], enc_ref: di
             "started": iso(img.acquired),
             "instance": instances,
         }],
+    }
+
+
+def _radiograph_study(p: PatientSim, rid: str, pat_ref: dict[str, str],
+                      enc_ref: dict[str, str]) -> dict[str, Any]:
+    """--realism hard: one chest radiograph (DX), written as a PNG or JPEG, not DICOM."""
+    img = p.imaging
+    dx = _coding("http://dicom.nema.org/resources/ontology/DCM", "DX", "Digital Radiography")
+    return {
+        "resourceType": "ImagingStudy", "id": rid, "status": "available",
+        "identifier": [{"system": "urn:dicom:uid", "value": f"urn:oid:{img.study_uid}"},
+                       {"type": _concept("http://terminology.hl7.org/CodeSystem/v2-0203", "ACSN",
+                                         "Accession ID"), "value": img.accession}],
+        "subject": pat_ref, "encounter": enc_ref, "started": iso(img.acquired),
+        "modality": [dx], "numberOfSeries": 1, "numberOfInstances": 1,
+        "description": "XR CHEST PA",
+        "series": [{"uid": img.series_uid, "number": 1, "modality": dx, "numberOfInstances": 1,
+                    "bodySite": _coding(codes.SNOMED, "51185008", "Thoracic structure"),
+                    "started": iso(img.acquired)}],
     }

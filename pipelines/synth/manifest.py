@@ -10,6 +10,7 @@ round-trip exactly.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,28 +24,36 @@ from pipelines.synth.cohort import SimulatedCohort
 from pipelines.synth.dicom_writer import series_dir
 from pipelines.synth.features import feature_row
 from pipelines.synth.fhir_writer import iso
+from pipelines.synth.patient import PatientSim
 
-__all__ = ["SENSITIVE", "manifest_frame", "truth_frame", "write_manifest", "write_truth"]
+__all__ = ["SENSITIVE", "manifest_frame", "patients_frame", "truth_frame", "write_manifest",
+           "write_truth"]
 
 SENSITIVE = ["sex", "race", "ethnicity", "age_band"]
 FLOAT_FORMAT = "%.17g"
 
 
 def manifest_frame(cohort: SimulatedCohort, spec: FeatureSpec = DEFAULT_SPEC) -> pd.DataFrame:
+    return patients_frame(cohort.patients, spec, lambda p: series_dir(p).as_posix())
+
+
+def patients_frame(patients: Sequence[PatientSim], spec: FeatureSpec,
+                   image: Callable[[PatientSim], str]) -> pd.DataFrame:
+    """The manifest rows of ``patients``; ``image`` gives a written image's path."""
     rows = []
-    for p in cohort.patients:
+    for p in patients:
         rows.append({
             "example_id": p.example_id,
             "patient_id": p.patient_id,
             "label": p.label,
             "index_time": iso(p.index_time),
-            "image": "" if p.withheld_imaging else series_dir(p).as_posix(),
+            "image": "" if p.withheld_imaging else image(p),
             "note": "\n\n".join(n.text for n in p.notes),
             "sex": p.sex, "race": p.race[1], "ethnicity": p.ethnicity[1],
             "age_band": p.age_band,
         })
     head = pd.DataFrame(rows)
-    features = pd.DataFrame([feature_row(p, spec) for p in cohort.patients],
+    features = pd.DataFrame([feature_row(p, spec) for p in patients],
                             columns=spec.column_names(), dtype=float)
     return pd.concat([head, features], axis=1)
 

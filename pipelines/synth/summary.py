@@ -42,6 +42,7 @@ class CohortSummary:
     counts: dict[str, int] = field(default_factory=dict)
     bytes_on_disk: int = 0
     demographics_auroc: float = float("nan")
+    realism: str = "default"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +51,8 @@ class CohortSummary:
         oracle = ", ".join(f"{k} {v:.3f}" for k, v in self.oracle_auroc.items())
         counts = ", ".join(f"{k} {v}" for k, v in self.counts.items())
         leak = self.leakage
+        if self.realism == "hard":
+            return self._hard_text(oracle, counts)
         lines = [
             f"synthetic cohort: {self.n_patients} patients -> {self.out_dir} "
             f"(seed {self.seed}{', bias planted' if self.bias else ''})",
@@ -66,6 +69,28 @@ class CohortSummary:
             f"{'passed' if leak['passed'] else 'FAILED'}",
         ]
         return "\n".join(lines)
+
+    def _hard_text(self, oracle: str, counts: str) -> str:
+        leak = self.leakage
+        return "\n".join([
+            f"synthetic cohort (--realism hard): {self.n_patients} patients -> {self.out_dir} "
+            f"(seed {self.seed})",
+            f"  written in {self.seconds:.1f} s ({self.patients_per_s:.1f} patients/s), "
+            f"{self.bytes_on_disk / 1e6:.1f} MB; {counts}",
+            f"  outcome: {self.outcome['name']} = {self.outcome['definition']}; "
+            f"event rate {self.event_rate:.3f}",
+            f"  Bayes-optimal AUROC given the observed modalities: "
+            f"{self.bayes_auroc_observable:.3f} (of the latent signal before rendering, "
+            "measurement noise, site offsets and JPEG compression: an upper bound on what a "
+            "model of the written files can reach)",
+            f"  oracle AUROC (latent signal): {oracle} (demographics only "
+            f"{self.demographics_auroc:.3f})",
+            f"  leakage: image texture statistic AUROC {leak['image_stat_auroc']:.3f}, pixels "
+            f"shuffled {leak['image_stat_auroc_shuffled']:.3f}, lung mean intensity "
+            f"{leak['image_mean_intensity_auroc']:.3f}; outcome words in notes "
+            f"{leak['outcome_terms_in_notes']}, in image metadata "
+            f"{leak['outcome_terms_in_dicom']} -> {'passed' if leak['passed'] else 'FAILED'}",
+        ])
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
