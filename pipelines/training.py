@@ -151,6 +151,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
 }
 
 
+#: Below this many patients ``train`` points to ``clinfuse evaluate --cv`` (issue 18).
+SMALL_COHORT_PATIENTS = 500
+
+
 class TrainingError(ValueError):
     """Training cannot go ahead with this data or config; the message says why."""
 
@@ -230,7 +234,7 @@ def _sha256(path: Path) -> str:
 
 def train(manifest_path: str | Path, out_dir: str | Path, *,
           config: dict[str, Any] | None = None, signing_key: str | Path | None = None,
-          cache_dir: str | Path | None = None) -> Path:
+          cache_dir: str | Path | None = None, warn_small: bool = True) -> Path:
     """Train the late-fusion model on a manifest and write a signed artifact to ``out_dir``.
 
     Parameters
@@ -245,6 +249,9 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         Ed25519 PEM private key. Without one, a demo key is generated as ``<out>.key``.
     cache_dir : path, optional
         Image tensor, embedding and sentence caches; default ``<out>.cache``.
+    warn_small : bool, default=True
+        Warn (one log line) when the cohort has fewer than :data:`SMALL_COHORT_PATIENTS`
+        patients; ``evaluate --cv`` turns it off for its training folds.
 
     Returns
     -------
@@ -273,6 +280,13 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
     frame = manifest.frame
     y = frame["label"].to_numpy(int)
     pids = frame["patient_id"].astype(str).to_numpy()
+    if warn_small and len(set(pids)) < SMALL_COHORT_PATIENTS:
+        # A 20 % validation split of a small cohort is too noisy to show whether fusion
+        # beats a logistic regression; cross-validation with baselines can.
+        log.warning("%d patients (under %d): one validation split says little here; run "
+                    "`clinfuse evaluate --cv 5 --manifest %s --out DIR` to compare the fused "
+                    "model with simple baselines in the same folds", len(set(pids)),
+                    SMALL_COHORT_PATIENTS, manifest.path)
     if len(np.unique(y)) < 2:
         raise TrainingError(f"{manifest.path}: every label is {int(y[0])}; training needs "
                             "examples of both classes")

@@ -172,6 +172,22 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    if (args.model is None) == (args.cv is None):
+        sys.stderr.write("clinfuse evaluate: give --model (a trained artifact) or --cv K "
+                         "(cross-validate training), not both\n")
+        return 2
+    if args.cv is not None:
+        from pipelines.cross_validation import main_evaluate_cv
+
+        return main_evaluate_cv(args.manifest, args.out, k=args.cv, repeats=args.repeats,
+                                split=args.split, n_boot=args.n_boot, seed=args.seed,
+                                config_path=args.config,
+                                device=None if args.device == "auto" else args.device,
+                                cache_dir=args.cache_dir)
+    if args.repeats != 1 or args.split != "grouped" or args.config or args.cache_dir:
+        sys.stderr.write("clinfuse evaluate: --repeats, --split, --config and --cache-dir "
+                         "go with --cv\n")
+        return 2
     from pipelines.evaluate_model import main_evaluate
 
     return main_evaluate(args.model, args.manifest, args.out, args.n_boot,
@@ -423,9 +439,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="AUROC/AUPRC/Brier/ECE with patient-bootstrap CIs, "
-                                        "ablations and calibration")
-    p.add_argument("--model", required=True)
+                                        "ablations and calibration; with --cv K, the "
+                                        "fused model and baselines cross-validated")
+    p.add_argument("--model", default=None, help="a trained artifact (or use --cv)")
     p.add_argument("--manifest", required=True)
+    p.add_argument("--cv", type=_positive_int, default=None, metavar="K",
+                   help="train and score in K patient-grouped folds beside simple baselines "
+                        "(writes oof_scores.csv, cv.json, cv.html)")
+    p.add_argument("--repeats", type=_positive_int, default=1,
+                   help="with --cv: repeat the K folds R times with different seeds")
+    p.add_argument("--split", choices=["grouped", "temporal"], default="grouped",
+                   help="with --cv: label-stratified patient folds, or train on earlier "
+                        "index times and test on later ones")
+    p.add_argument("--config", default=None, help="with --cv: the fused model's YAML config")
+    p.add_argument("--cache-dir", default=None,
+                   help="with --cv: image tensor and sentence embedding cache shared by folds")
     p.add_argument("--out", default="evaluation")
     p.add_argument("--n-boot", type=_positive_int, default=1000)
     p.add_argument("--trusted-key", action="append", default=None,
