@@ -23,6 +23,7 @@ _CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222
         "padding:4px 8px;text-align:right}th{background:#f3f3f3}td:first-child{text-align:left}"
         ".best{background:#fff6d6}.fused{font-weight:bold}.muted{color:#666;font-size:90%}"
         "img{max-width:100%}")
+_MIN_BIN = 10  # rows a reliability bin needs to be drawn
 _LABEL = {"auroc": "AUROC", "auprc": "AUPRC", "brier": "Brier", "ece": "ECE"}
 _COLOURS = ("#000000", "#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9",
             "#F0E442")
@@ -44,13 +45,17 @@ def _figure(comparison: ModelComparison, models: list[str], kind: str) -> Figure
             fpr, tpr = comparison.roc(m)
             ax.plot(fpr, tpr, label=f"{m} ({comparison.points[m]['auroc']:.3f})", **style)
         else:
-            ms, my, _ = comparison.reliability(m)
-            ax.plot(ms, my, marker="o", markersize=3, label=m, **style)
+            # A bin of a handful of rows swings between 0 and 1 and reads as gross
+            # miscalibration; as in the audit report, such bins are not drawn.
+            ms, my, cnt = comparison.reliability(m)
+            keep = cnt >= _MIN_BIN
+            ax.plot(ms[keep], my[keep], marker="o", markersize=3, label=m, **style)
     ax.plot([0, 1], [0, 1], color="grey", linewidth=0.8)
     ax.set_xlabel("false-alarm rate (FPR)" if kind == "roc" else "predicted risk")
     ax.set_ylabel("sensitivity (TPR)" if kind == "roc" else "observed outcome rate")
     ax.set_title("ROC, pooled out-of-fold scores" if kind == "roc"
-                 else "Reliability (10 equal-width bins), pooled out-of-fold scores",
+                 else f"Reliability (10 equal-width bins of >= {_MIN_BIN} rows), pooled "
+                      "out-of-fold scores",
                  fontsize=10)
     ax.legend(fontsize=7, loc="lower right" if kind == "roc" else "upper left")
     fig.tight_layout()

@@ -177,6 +177,36 @@ def test_cv_on_rgb_jpeg_images_with_notes(tmp_path: Path) -> None:
     assert all("image encoder embedding" in f["image_features"] for f in cv["folds"])
 
 
+def test_cv_temporal_split_tests_on_later_index_times(tmp_path: Path) -> None:
+    manifest = write_png_cohort(tmp_path / "cohort", 90, seed=8, size=32)
+    frame = pd.read_csv(manifest)
+    rng = np.random.default_rng(8)
+    start = pd.Timestamp("2023-01-01", tz="UTC")
+    frame["index_time"] = [(start + pd.Timedelta(hours=int(h))).isoformat()
+                           for h in rng.integers(0, 24 * 365, len(frame))]
+    frame.to_csv(manifest, index=False)
+    code, err, _ = _run_cli([
+        "evaluate", "--cv", "2", "--split", "temporal", "--manifest", str(manifest),
+        "--out", str(tmp_path / "cv"), "--n-boot", "100",
+        "--config", str(_config(tmp_path / "small.yaml"))])
+    assert code == 0, err
+    cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    oof = pd.read_csv(tmp_path / "cv" / "oof_scores.csv", dtype={"example_id": str})
+    assert cv["split"]["kind"] == "temporal" and len(cv["folds"]) == 2
+    times = pd.to_datetime(frame["index_time"], utc=True)
+    for f in cv["folds"]:
+        assert pd.Timestamp(f["train_index_time_max"]) < pd.Timestamp(f["test_index_time_min"])
+    # Checked from the out-of-fold rows too: fold k's test rows come after every row that
+    # any earlier block (fold k's training rows are among them) holds.
+    by_id = times.set_axis(frame.index.astype(str))
+    tested = oof.assign(t=by_id[oof["example_id"]].to_numpy())
+    first_block = by_id.drop(oof["example_id"])  # block 0: training data only
+    assert tested["t"].min() > first_block.max()
+    assert tested.groupby("fold")["t"].min().is_monotonic_increasing
+    assert len(oof) == oof["example_id"].nunique() == 60  # blocks 1 and 2 of 3
+    _check_shape(cv, oof)
+
+
 def test_temporal_folds_train_on_the_past_only() -> None:
     rng = np.random.default_rng(0)
     n = 150
