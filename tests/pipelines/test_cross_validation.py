@@ -164,12 +164,19 @@ def test_cv_on_rgb_jpeg_images_with_notes(tmp_path: Path) -> None:
                                 formats=(("RGB", ".jpg"),))
     assert {p.suffix for p in (tmp_path / "cohort" / "images").iterdir()} == {".jpg"}
     code, err, _ = _run_cli([
-        "evaluate", "--cv", "3", "--manifest", str(manifest), "--out", str(tmp_path / "cv"),
-        "--n-boot", "200", "--config", str(_config(tmp_path / "small.yaml"))])
+        "evaluate", "--cv", "3", "--repeats", "2", "--manifest", str(manifest),
+        "--out", str(tmp_path / "cv"), "--n-boot", "200",
+        "--config", str(_config(tmp_path / "small.yaml"))])
     assert code == 0, err
     cv = json.loads((tmp_path / "cv" / "cv.json").read_text())
+    assert cv["split"]["seeds"] == [0, 1] and len(cv["folds"]) == 6
+    assert all(len(v) == 2 for v in cv["auroc_per_repeat"].values())
     oof = pd.read_csv(tmp_path / "cv" / "oof_scores.csv", dtype={"example_id": str,
                                                                  "patient_id": str})
+    assert len(oof) == 2 * 90 and set(oof["repeat"]) == {0, 1}
+    # The two repeats are different partitions.
+    folds = oof.pivot(index="example_id", columns="repeat", values="fold")
+    assert not (folds[0] == folds[1]).all()
     _check_shape(cv, oof)
     _check_folds(oof, pd.read_csv(manifest, dtype={"patient_id": str}).assign(
         example_id=lambda f: [str(i) for i in range(len(f))]))
