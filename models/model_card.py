@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from models.artifact import Artifact
+from models.tabular_learner import describe_choice
 
 __all__ = [
     "DEMOGRAPHIC_ATTRIBUTES",
@@ -266,6 +267,9 @@ def build_model_card(artifact: Artifact) -> dict[str, Any]:
             "feature_source": cfg.get("feature_source"),
             "note_encoder": _reported(cfg.get("note_encoder")),
             "n_tabular_features": len(features) if features is not None else NOT_REPORTED,
+            # Issue 18: which EHR learner inner CV chose, with each candidate's scores.
+            "tabular_learner": _reported(cfg.get("tabular_learner")),
+            "tabular_learner_text": describe_choice(cfg.get("tabular_learner")),
             "demographic_inputs": demographic,
         },
         "decision_thresholds": cfg.get("decision_thresholds"),
@@ -297,7 +301,9 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"- **Modalities:** {', '.join(card['inputs']['modalities']) or NOT_REPORTED}",
         f"- **Feature source:** {_text(card['inputs']['feature_source'])}",
         f"- **Note encoder:** {card['inputs']['note_encoder']}",
-        f"- **Tabular features:** {card['inputs']['n_tabular_features']}", "",
+        f"- **Tabular features:** {card['inputs']['n_tabular_features']}",
+        f"- **Tabular learner:** {card['inputs'].get('tabular_learner_text', NOT_REPORTED)}",
+        "",
         "| Attribute (45 CFR 170.315(b)(11)(iv)) | Used as input |", "|---|---|",
     ]
     for attr, para, _ in DEMOGRAPHIC_ATTRIBUTES:

@@ -43,6 +43,7 @@ from fhir_adapters.risk_assessment import (
     build_risk_assessment,
 )
 from models.explain_tabular import describe_features, ehr_shap, group_by_column
+from models.explain_trees import tree_ehr_shap
 from models.points import format_points, sigmoid, to_points
 from models.privacy import summarise_background
 from models.shapley import modality_shapley
@@ -254,8 +255,17 @@ class Explainer:
         if "ehr" in m.modalities and mask[m.modalities.index("ehr")] and m.scaler is not None:
             t = time.perf_counter()
             bg, bg_source = self.background(manifest)
-            es = ehr_shap(m.fusion, X, mask, bg)
             raw = m.encoding.transform(frame, str(sub.path))[0]
+            ensemble = getattr(getattr(m, "tabular_learner", None), "ensemble_", None)
+            if ensemble is not None:
+                # Boosted-tree EHR branch: exact TreeSHAP on the scaled columns, scaled by
+                # the fused logit's (affine) slope in the trees' logit (models.explain_trees).
+                es = tree_ehr_shap(m.fusion, ensemble, m.scaler.transform(raw[None, :]), X,
+                                   mask)
+                bg_source, bg = "the trees' training cover (path-dependent TreeSHAP)", \
+                    np.zeros((0, 0))
+            else:
+                es = ehr_shap(m.fusion, X, mask, bg)
             columns = m.encoding.columns
             per_column = group_by_column(es.values, len(columns), m.scaler.indicator_)
             pts = to_points(per_column, es.fx, es.base_value)
@@ -263,7 +273,8 @@ class Explainer:
             by_feature: dict[str, float] = {}
             for f in features:
                 by_feature[f.feature] = by_feature.get(f.feature, 0.0) + f.points
-            name = "ExactExplainer" if es.method == "exact" else "PermutationExplainer"
+            name = {"exact": "ExactExplainer", "tree": "TreeExplainer"}.get(
+                es.method, "PermutationExplainer")
             ehr = {"method": f"shap.{name} on the fused calibrated logit",
                    "background": bg_source, "n_background": len(bg),
                    "base_logit": es.base_value, "logit": es.fx,

@@ -27,6 +27,7 @@ from models.fusion import MODALITIES, FusionRiskModel
 from models.image_encoder import ImageEncoder
 from models.note_encoder import TfidfNoteEncoder, load_note_encoder
 from models.tabular import TabularPreprocessor
+from models.tabular_learner import TabularLearner
 from pipelines.imaging.preprocess import PreprocessConfig
 from pipelines.manifest import CohortManifest, read_manifest
 from pipelines.model_inputs import (
@@ -71,6 +72,10 @@ class LoadedModel:
         t = artifact.tensors
         self.scaler = (TabularPreprocessor.from_tensors(t["tabular_scaler"])
                        if "tabular_scaler" in t else None)
+        # The EHR branch's learner (issue 18): the linear head takes the scaled columns,
+        # boosted trees (stored as arrays, never pickled) turn them into one logit.
+        self.tabular_learner = TabularLearner.from_artifact(cfg.get("tabular_learner"),
+                                                            t.get("tabular_gbm"))
         self.fusion = FusionRiskModel.from_state(cfg["fusion"], t["fusion"])
         self.fusion.device = device
         self.baseline = (FusionRiskModel.from_state(cfg["baseline_fusion"], t["baseline_fusion"])
@@ -113,7 +118,7 @@ class LoadedModel:
         raw = self.encoding.transform(frame, where)
         X: dict[str, np.ndarray] = {}
         if self.scaler is not None:
-            X["ehr"] = self.scaler.transform(raw)
+            X["ehr"] = self.tabular_learner.transform(self.scaler.transform(raw))
         has_ehr = (~np.isnan(raw)).any(axis=1) if raw.shape[1] else np.zeros(n, bool)
         note_present = np.zeros(n, dtype=bool)
         if self.note_encoder is not None:

@@ -61,6 +61,7 @@ from models.image_encoder import ImageEncoder
 from models.note_encoder import NoteEncoderUnavailableError, TfidfNoteEncoder, load_note_encoder
 from models.privacy import PatientOverlapError, hashed_ids, new_salt
 from models.tabular import TabularPreprocessor
+from models.tabular_learner import TabularLearner
 from pipelines.evaluation import auprc, auroc, brier_score, expected_calibration_error
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 from pipelines.imaging.volume import ImageError
@@ -143,6 +144,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # k = 3: 0.833, 0.836). Manifest-column models keep a weight per column.
         "ehr_rank": 2,
     },
+    # The EHR branch's learner (models.tabular_learner): "auto" picks the linear head or
+    # gradient-boosted trees (fixed conservative settings) by patient-grouped inner CV
+    # log-loss on the training split; "linear" or "gbm" force one.
+    "tabular": {"learner": "auto", "inner_folds": 5},
     # pooling "auto": negation pooling for sentence encoders (MiniLM barely tells
     # "Denies chills." from "Endorses chills."), mean for TF-IDF, whose n-grams
     # ("denies chills") already carry the negation.
@@ -318,6 +323,12 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
     # Before stage 1, which takes minutes, so a bad ehr_rank fails at once.
     ehr_blocks = (ehr_rank_blocks(encoding, scaler, DEFAULT_SPEC, cfg["fusion"]["ehr_rank"])
                   if manifest.sidecar.get("feature_source") == "fhir-spec" else [])
+    tab_learner: TabularLearner | None = None
+    if scaler is not None:
+        tab_learner, X["ehr"] = _tabular_learner(cfg, X["ehr"], raw, y, pids, train_rows, seed,
+                                                 ehr_blocks)
+        if tab_learner.learner_ == "gbm":
+            ehr_blocks = []  # the EHR input is now one logit: no column blocks to reduce
 
     # Notes.
     notes = manifest.notes()
@@ -430,6 +441,8 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         "tabular": encoding.to_dict(),
         "image": image_cfg,
         "fusion": fusion_cfg,
+        "tabular_learner": (tab_learner.to_artifact()[0] if tab_learner is not None
+                            else None),
         "calibration": fusion_cfg["calibrator"],
         "training": {"seed": seed, "config": _plain(cfg),
                      "seconds": round(time.perf_counter() - started, 1)},
@@ -440,6 +453,8 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         model_config["baseline_fusion"] = base_cfg
     if scaler is not None:
         tensors["tabular_scaler"] = scaler.to_tensors()
+    if tab_learner is not None and tab_learner.ensemble_ is not None:
+        tensors["tabular_gbm"] = tab_learner.ensemble_.to_tensors()
     for f, state in enumerate(image_state or []):
         tensors[f"image_encoder_{f}"] = state
     documents: dict[str, Any] = {
@@ -653,6 +668,35 @@ def _fusion_model(cfg: dict[str, Any], modalities: Sequence[str], seed: int,
     rank = {"ehr": ehr_blocks} if ehr_blocks and "ehr" in modalities else None
     return FusionRiskModel(modalities=tuple(modalities), seed=seed, device=cfg["device"],
                            calibration=cfg["calibration"], rank=rank, **params)
+
+
+def _tabular_learner(cfg: dict[str, Any], scaled: np.ndarray, raw: np.ndarray, y: np.ndarray,
+                     pids: np.ndarray, train_rows: np.ndarray, seed: int,
+                     ehr_blocks: list[tuple[list[int], int]]
+                     ) -> tuple[TabularLearner, np.ndarray]:
+    """Choose the EHR learner on the training rows with EHR data; (learner, fusion EHR input).
+
+    With boosted trees, the training rows' input is the trees' out-of-fold logit: trees
+    refitted on all training rows have fitted those very rows, so their in-sample logit
+    is over-confident and the fusion head would over-weight the EHR branch against the
+    other modalities. Every other row (validation, calibration) gets the refitted trees.
+    """
+    tcfg = cfg.get("tabular") or {}
+    params = {k: v for k, v in cfg["fusion"].items() if k != "ehr_rank"}
+    params.update(seed=seed, calibration=cfg["calibration"],
+                  rank={"ehr": ehr_blocks} if ehr_blocks else None)
+    rows = train_rows[(~np.isnan(raw[train_rows])).any(axis=1)]
+    learner = TabularLearner(learner=str(tcfg.get("learner", "auto")),
+                             folds=int(tcfg.get("inner_folds", 5)), random_state=seed,
+                             linear_params=params)
+    try:
+        learner.fit(scaled[rows], y[rows], pids[rows])
+    except ValueError as exc:
+        raise TrainingError(f"tabular.learner: {exc}") from None
+    out = learner.transform(scaled)
+    if learner.oof_logit_ is not None:
+        out[rows, 0] = learner.oof_logit_.astype(np.float32)
+    return learner, out
 
 
 def _rows(X: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
