@@ -31,12 +31,20 @@ Networks (``network`` in the model config):
 ``"densenet121"``
     The GPU default: ``monai.networks.nets.DenseNet121`` with its classifier
     replaced by the embedding layer.
+``"resnet18"``, ``"resnet34"``, ``"resnet50"``
+    MONAI ``ResNet`` in torchvision's layout; with ``pretrained_path`` (as
+    ``"densenet121"``) a pretrained backbone, :mod:`models.pretrained`.
 ``"auto"``
-    densenet121 on CUDA, threshold elsewhere.
+    With ``pretrained_path``: the pretrained backbone of ``pretrained_architecture``,
+    frozen with a linear probe (``finetune=True`` trains it all). Without: ``densenet121``
+    for 3-D on CUDA, else ``compact``, trained from scratch. ``auto`` never picks
+    ``threshold`` or ``burden``: they are tuned to the synthetic cohort's bright lesion
+    and stay available by name (the synth recipe, :mod:`pipelines.synth.recipe`, names
+    them).
 
 ``spatial_dims`` is 3 for CT/MR volumes (input ``(N, 1, X, Y, Z)``) and 2 for
 radiographs and PNG/JPEG images (``(N, 1, X, Y)``). ``pretrained_path`` loads a
-local state dict; nothing is ever downloaded.
+local state dict; nothing is ever downloaded (docs/image-weights.md).
 
 :class:`ImageEncoder` is the scikit-learn style wrapper used in stage 1 of
 training: it fits the network on labelled images through the auxiliary head
@@ -50,7 +58,7 @@ import copy
 import logging
 import math
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -61,13 +69,21 @@ from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
 from models.device import autocast, exact_math, resolve_device
+from models.pretrained import (
+    ARCHITECTURES,
+    PretrainedError,
+    build_backbone,
+    load_pretrained,
+    read_state_dict,
+)
 
 __all__ = ["NETWORKS", "BurdenEncoder", "CompactEncoder", "ImageEncoder", "ImageNetwork",
-           "ThresholdEncoder", "build_network", "count_parameters"]
+           "ThresholdEncoder", "build_network", "count_parameters", "resolve_network"]
 
 log = logging.getLogger(__name__)
 
-NETWORKS = ("threshold", "burden", "compact", "densenet121", "auto")
+NETWORKS = ("threshold", "burden", "compact", "densenet121", "resnet18", "resnet34",
+            "resnet50", "auto")
 _INVALID_NETWORK = "Unrecognised image network {0!r}; choose from {1}"
 
 
@@ -155,28 +171,62 @@ class ThresholdEncoder(nn.Module):
 class ImageNetwork(nn.Module):
     """Backbone -> embedding; ``head`` turns the embedding into the auxiliary logit."""
 
+    pretrained_sha256: str | None
+
     def __init__(self, backbone: nn.Module, embedding_dim: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(embedding_dim, 1)
+        self.pretrained_sha256 = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding = self.backbone(x)
         return embedding, self.head(embedding).squeeze(-1)
 
 
+def resolve_network(network: str, *, spatial_dims: int, device_type: str,
+                    pretrained_path: str | Path | None,
+                    pretrained_architecture: str = "densenet121") -> str:
+    """The network "auto" stands for (any other name is returned as it is).
+
+    A pretrained file makes it the declared architecture; without one, a general
+    network trained from scratch: densenet121 for 3-D on CUDA, compact otherwise. Never
+    the synthetic-lesion networks (threshold, burden).
+    """
+    if network != "auto":
+        return network
+    if pretrained_path is not None:
+        return pretrained_architecture
+    return "densenet121" if spatial_dims == 3 and device_type == "cuda" else "compact"
+
+
 def build_network(network: str, *, spatial_dims: int, in_channels: int = 1,
-                  embedding_dim: int = 64, pretrained_path: str | Path | None = None
-                  ) -> ImageNetwork:
-    """The network named ``network`` ("compact" or "densenet121"), weights from a local file.
+                  embedding_dim: int = 64, pretrained_path: str | Path | None = None,
+                  probe: bool = False, finetune: bool = False) -> ImageNetwork:
+    """The network named ``network``, weights from a local file.
+
+    ``probe`` (implied by ``pretrained_path`` for the architectures of
+    :mod:`models.pretrained`) builds the pretrained-backbone layout, frozen unless
+    ``finetune``; with ``pretrained_path`` the file is loaded into it and its sha256 is
+    ``net.pretrained_sha256``.
 
     Raises
     ------
     ValueError
-        Unknown network or spatial_dims, or a pretrained file that does not fit.
+        Unknown network or spatial_dims, or a pretrained file that does not fit
+        (:class:`models.pretrained.PretrainedError`, one line).
     """
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+    if network in ARCHITECTURES and (probe or pretrained_path is not None):
+        probe_backbone = build_backbone(network, spatial_dims=spatial_dims,
+                                        in_channels=in_channels, embedding_dim=embedding_dim,
+                                        frozen=not finetune)
+        sha = (load_pretrained(probe_backbone, network, pretrained_path)
+               if pretrained_path is not None else None)
+        probe_net = ImageNetwork(probe_backbone, embedding_dim)
+        probe_net.pretrained_sha256 = sha
+        return probe_net
     backbone: nn.Module
     if network == "threshold":
         backbone = ThresholdEncoder(spatial_dims, in_channels, embedding_dim)
@@ -188,18 +238,16 @@ def build_network(network: str, *, spatial_dims: int, in_channels: int = 1,
         backbone = DenseNet121(spatial_dims=spatial_dims, in_channels=in_channels,
                                out_channels=embedding_dim)
     else:
-        raise ValueError(_INVALID_NETWORK.format(network, ["threshold", "burden", "compact",
-                                                            "densenet121"]))
+        raise ValueError(_INVALID_NETWORK.format(network, [n for n in NETWORKS if n != "auto"]))
     net = ImageNetwork(backbone, embedding_dim)
-    if pretrained_path is not None:
+    net.pretrained_sha256 = None
+    if pretrained_path is not None:  # a warm start of a from-scratch network, all trained
         path = Path(pretrained_path)
-        if not path.is_file():
-            raise ValueError(f"pretrained weights {path} do not exist (weights are never "
-                             "downloaded; give a local file)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_state_dict(path)
         missing, unexpected = backbone.load_state_dict(state, strict=False)
         if len(missing) == len(list(backbone.state_dict())):
-            raise ValueError(f"pretrained weights {path} match none of the {network} layers")
+            raise PretrainedError(f"pretrained weights {path} match none of the {network} "
+                                  "layers")
         log.info("loaded pretrained %s weights from %s (%d missing, %d unexpected keys)",
                  network, path, len(missing), len(unexpected))
     return net
@@ -214,7 +262,9 @@ class ImageEncoder(BaseEstimator):
 
     Parameters
     ----------
-    network : {"auto", "threshold", "burden", "compact", "densenet121"}, default="auto"
+    network : {"auto", "threshold", "burden", "compact", "densenet121", "resnet18", \
+"resnet34", "resnet50"}, default="auto"
+        "auto" as :func:`resolve_network` says.
     spatial_dims : {2, 3}, default=3
     embedding_dim : int, default=64
     max_epochs : int, default=30
@@ -228,6 +278,12 @@ class ImageEncoder(BaseEstimator):
     seed : int, default=0
     device : str, default="auto"
     pretrained_path : str, optional
+        A local state-dict file (never downloaded); for the architectures of
+        :mod:`models.pretrained` the backbone is loaded from it and frozen.
+    pretrained_architecture : str, default="densenet121"
+        What "auto" builds around ``pretrained_path``.
+    finetune : bool, default=False
+        Train the pretrained backbone too (large cohorts), not only the linear probe.
     progress : bool, default=False
         tqdm bars per epoch.
 
@@ -240,18 +296,21 @@ class ImageEncoder(BaseEstimator):
     history_ : list of dict
         Per-epoch train loss, validation loss and AUROC.
     best_epoch_ : int
+    pretrained_ : dict or None
+        The pretrained file used: its name, sha256, architecture and whether the
+        backbone was frozen.
     """
 
     _parameter_constraints: ClassVar[dict[str, Any]] = {
-        "network": NETWORKS, "spatial_dims": (2, 3),
+        "network": NETWORKS, "spatial_dims": (2, 3), "pretrained_architecture": ARCHITECTURES,
     }
 
-    def __init__(self, *, network: Literal["auto", "threshold", "burden", "compact",
-                                      "densenet121"] = "auto",
+    def __init__(self, *, network: str = "auto",
                  spatial_dims: int = 3, embedding_dim: int = 64, max_epochs: int = 30,
                  patience: int = 5, batch_size: int = 32, lr: float = 1e-3,
                  weight_decay: float = 1e-4, augment: bool = True, seed: int = 0,
                  device: str = "auto", pretrained_path: str | None = None,
+                 pretrained_architecture: str = "densenet121", finetune: bool = False,
                  progress: bool = False) -> None:
         self.network = network
         self.spatial_dims = spatial_dims
@@ -265,6 +324,8 @@ class ImageEncoder(BaseEstimator):
         self.seed = seed
         self.device = device
         self.pretrained_path = pretrained_path
+        self.pretrained_architecture = pretrained_architecture
+        self.finetune = finetune
         self.progress = progress
 
 
@@ -294,16 +355,24 @@ class ImageEncoder(BaseEstimator):
             raise ValueError("the image training split has one class only; cannot train the "
                              "image encoder")
         device = resolve_device(self.device)
-        name = self.network if self.network != "auto" else (
-            "densenet121" if device.type == "cuda" else "threshold")
+        name = resolve_network(self.network, spatial_dims=self.spatial_dims,
+                               device_type=device.type, pretrained_path=self.pretrained_path,
+                               pretrained_architecture=self.pretrained_architecture)
         torch.manual_seed(self.seed)
         net = build_network(name, spatial_dims=self.spatial_dims, in_channels=int(X.shape[1]),
                             embedding_dim=self.embedding_dim,
-                            pretrained_path=self.pretrained_path).to(device)
+                            pretrained_path=self.pretrained_path,
+                            finetune=bool(self.finetune)).to(device)
+        probe = name in ARCHITECTURES and self.pretrained_path is not None
+        self.pretrained_ = None if not probe else {
+            "file": Path(str(self.pretrained_path)).name, "sha256": net.pretrained_sha256,
+            "architecture": name, "frozen": not self.finetune}
         channels_last = device.type == "cuda" and self.spatial_dims == 3
         if channels_last:
             net = net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # A frozen backbone has no gradient: only the probe (and head) are optimised.
+        opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=self.lr,
+                                weight_decay=self.weight_decay)
         steps = max(1, math.ceil(len(X) / self.batch_size)) * self.max_epochs
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=self.lr, total_steps=steps,
                                                     pct_start=0.15)
@@ -382,7 +451,8 @@ class ImageEncoder(BaseEstimator):
         """(config, state dict) for the artifact."""
         check_is_fitted(self, "network_")
         config = {**self.get_params(deep=False), "network_name": self.network_name_,
-                  "best_epoch": self.best_epoch_, "in_channels": self.in_channels_}
+                  "best_epoch": self.best_epoch_, "in_channels": self.in_channels_,
+                  "pretrained": getattr(self, "pretrained_", None)}
         config["pretrained_path"] = None  # the weights are in the artifact now
         return config, {k: v.detach().cpu().clone() for k, v in
                         self.network_.state_dict().items()}
@@ -392,17 +462,22 @@ class ImageEncoder(BaseEstimator):
         """Rebuild a fitted encoder from :meth:`to_state` output."""
         params = {k: config[k] for k in (
             "network", "spatial_dims", "embedding_dim", "max_epochs", "patience", "batch_size",
-            "lr", "weight_decay", "augment", "seed", "device") if k in config}
+            "lr", "weight_decay", "augment", "seed", "device", "pretrained_architecture",
+            "finetune") if k in config}
         enc = cls(**params)
+        pretrained = config.get("pretrained")
         net = build_network(config["network_name"], spatial_dims=int(config["spatial_dims"]),
                             in_channels=int(config.get("in_channels", 1)),
-                            embedding_dim=int(config["embedding_dim"]))
+                            embedding_dim=int(config["embedding_dim"]),
+                            probe=pretrained is not None,
+                            finetune=bool(config.get("finetune", False)))
         net.load_state_dict(state)
         enc.network_ = net.eval()
         enc.network_name_ = config["network_name"]
         enc.in_channels_ = int(config.get("in_channels", 1))
         enc.history_ = []
         enc.best_epoch_ = int(config.get("best_epoch", 0))
+        enc.pretrained_ = pretrained
         return enc
 
 

@@ -266,6 +266,7 @@ def build_model_card(artifact: Artifact) -> dict[str, Any]:
             "modalities": list(cfg.get("input_modalities", [])),
             "feature_source": cfg.get("feature_source"),
             "note_encoder": _reported(cfg.get("note_encoder")),
+            "image_network": _image_network(cfg),
             "n_tabular_features": len(features) if features is not None else NOT_REPORTED,
             # Issue 18: which EHR learner inner CV chose, with each candidate's scores.
             "tabular_learner": _reported(cfg.get("tabular_learner")),
@@ -301,6 +302,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"- **Modalities:** {', '.join(card['inputs']['modalities']) or NOT_REPORTED}",
         f"- **Feature source:** {_text(card['inputs']['feature_source'])}",
         f"- **Note encoder:** {card['inputs']['note_encoder']}",
+        f"- **Image network:** {_text(card['inputs'].get('image_network', NOT_REPORTED))}",
         f"- **Tabular features:** {card['inputs']['n_tabular_features']}",
         f"- **Tabular learner:** {card['inputs'].get('tabular_learner_text', NOT_REPORTED)}",
         "",
@@ -504,3 +506,20 @@ def _limitations(cfg: Mapping[str, Any], narrative: Mapping[str, Any],
         items.append("Race or ethnicity is an input: outputs differ by recorded race for "
                      "otherwise identical patients; review before use.")
     return items
+
+
+def _image_network(cfg: Mapping[str, Any]) -> Any:
+    """Which image network was trained and why (issue 18): the network, the reason
+    ("named in the config", the synth recipe, or "auto"), the pretrained file's sha256
+    and whether its backbone was frozen, and whether it was trained from scratch."""
+    image = _mapping(cfg.get("image"))
+    choice = _mapping(image.get("choice"))
+    if not choice:
+        encoders = image.get("encoders") or []
+        first = _mapping(encoders[0]) if encoders else {}
+        return _reported(first.get("network_name"))
+    return _drop_none({"network": choice.get("network"), "reason": choice.get("reason"),
+                       "pretrained_sha256": choice.get("pretrained_sha256"),
+                       "frozen": (None if not choice.get("pretrained")
+                                  else not choice.get("finetune")),
+                       "trained_from_scratch": bool(choice.get("from_scratch_warning"))})

@@ -64,6 +64,7 @@ from models.tabular import TabularPreprocessor
 from models.tabular_learner import TabularLearner
 from pipelines.evaluation import auprc, auroc, brier_score, expected_calibration_error
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
+from pipelines.image_choice import choose_image_network
 from pipelines.imaging.volume import ImageError
 from pipelines.manifest import CohortManifest, ManifestError, read_manifest
 from pipelines.model_inputs import (
@@ -114,6 +115,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
         "batch_size": 32, "lr": 2e-3, "weight_decay": 1e-4, "augment": True,
         "spatial_size": [64, 64, 32], "spatial_size_2d": [64, 64],
         "windows": DEFAULT_WINDOWS, "pretrained_path": None, "min_images": 20,
+        # "auto" (pipelines.image_choice): the pretrained backbone of
+        # pretrained_architecture when pretrained_path (a local state dict, never
+        # downloaded; docs/image-weights.md) is given, frozen with a linear probe unless
+        # finetune; else a small CNN from scratch, with a warning. Never "threshold" or
+        # "burden" (tuned to the synthetic lesion) unless named, as the synth recipe does.
+        "pretrained_architecture": "densenet121", "finetune": False,
         "crossfit_folds": 1,
         # Input channels: 1 takes colour images as BT.601 luma, 3 takes them as RGB
         # (grey replicated); pipelines.imaging.colour.
@@ -578,11 +585,13 @@ def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_im
             np.zeros(len(train_img)), y[train_img], groups=pids[train_img]))
     else:
         folds = [(np.arange(len(train_img)), np.zeros(0, dtype=int))]
+    network, choice = choose_image_network(icfg, device=cfg["device"], spatial_dims=dims,
+                                           sidecar=manifest.sidecar)
     encoders, states, hashes, histories = [], [], [], []
     oof = np.zeros(len(manifest.frame), dtype=np.float32)
     t0 = time.perf_counter()
     for f, (fit_idx, out_idx) in enumerate(folds):
-        encoder = ImageEncoder(network=icfg["network"], spatial_dims=dims,
+        encoder = ImageEncoder(network=network, spatial_dims=dims,
                                embedding_dim=int(icfg["embedding_dim"]),
                                max_epochs=int(icfg["max_epochs"]),
                                patience=int(icfg["patience"]),
@@ -590,6 +599,8 @@ def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_im
                                weight_decay=float(icfg["weight_decay"]),
                                augment=bool(icfg["augment"]), seed=seed + f,
                                device=cfg["device"], pretrained_path=icfg["pretrained_path"],
+                               pretrained_architecture=str(icfg["pretrained_architecture"]),
+                               finetune=bool(icfg["finetune"]),
                                progress=bool(cfg["progress"]))
         fit_rows = train_img[fit_idx]
         encoder.fit(images.tensors[[pos[int(r)] for r in fit_rows]], y[fit_rows],
@@ -616,7 +627,9 @@ def _stage1(manifest: CohortManifest, cfg: dict[str, Any], cache: Path, train_im
     log.info("image stage: %d encoder(s) in %.1f s; validation AUROC of the image logit %s",
              len(encoders), seconds, f"{val_auc:.3f}" if val_auc is not None else "n/a")
     config = {"encoders": [e.to_state()[0] for e in encoders], "preprocess": pre.to_dict(),
-              "spatial_dims": dims, "crossfit_folds": k, "fusion_input": "mean aux logit"}
+              "spatial_dims": dims, "crossfit_folds": k, "fusion_input": "mean aux logit",
+              "choice": {**choice, "pretrained_sha256": encoders[0].pretrained_ and
+                         encoders[0].pretrained_["sha256"]}}
     metrics = {"network": encoders[0].network_name_, "val_auroc": val_auc,
                "seconds": round(seconds, 1), "history": histories}
     return _Stage1(out, config, states, metrics, encoders, images)
