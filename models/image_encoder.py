@@ -3,7 +3,8 @@
 Networks (``network`` in the model config):
 
 ``"compact"``
-    The CPU default: four strided ``monai.networks.blocks.Convolution`` blocks
+    What "auto" trains from scratch (2-D, or 3-D on CPU) when no pretrained
+    weights are given: four strided ``monai.networks.blocks.Convolution`` blocks
     (conv, batch norm, PReLU) and global average pooling, ~0.3 M parameters. The
     pooling keeps "how much of the volume looks like X", which is what a
     lesion-burden signal is; batch (not instance) norm keeps absolute intensity.
@@ -17,7 +18,8 @@ Networks (``network`` in the model config):
     CT window) is kept, and no batch statistics make validation losses jump. An
     epoch over 1,600 series of 32x64x64 takes ~10-25 s on 2 cores.
 ``"threshold"``
-    The CPU default: a soft voxel count above learned intensity thresholds,
+    The synth recipe's CPU network (tuned to the synthetic lesion; "auto" never
+    picks it): a soft voxel count above learned intensity thresholds,
     ~150 parameters. A kernel-1 MONAI ``Convolution`` gives each voxel ``maps``
     scores ``slope_k (x - t_k)``; their sigmoids are soft "brighter than t_k"
     indicators, and the embedding is the log of each indicator's mean over the
