@@ -182,8 +182,17 @@ def _log_loss_rows(y: np.ndarray, logit: np.ndarray) -> np.ndarray:
 
 
 def _inner_split(y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A patient-grouped, label-stratified ~80/20 split (fit, stop) of some rows."""
-    splitter = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed)
+    """A patient-grouped, label-stratified ~80/20 split (fit, stop) of some rows.
+
+    With under two patients of a class there is no such split: every row is then
+    both fitted and used to stop (a degenerate, tiny-cohort case), rather than
+    leaving the fit part with one class.
+    """
+    k = min(5, *(len(set(groups[y == c])) for c in (0, 1)))
+    if k < 2:
+        every = np.arange(len(y))
+        return every, every
+    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
     fit, stop = next(splitter.split(np.zeros(len(y)), y, groups))
     return fit, stop
 

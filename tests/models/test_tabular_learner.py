@@ -9,6 +9,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from models.explain_trees import tree_shap_values
 from models.tabular_learner import TabularLearner, TreeEnsemble, describe_choice
@@ -63,11 +64,16 @@ def test_bad_learner_name_and_too_few_patients() -> None:
     y[:2] = 1  # one positive patient: no inner CV possible
     learner = TabularLearner().fit(X, y, pid)
     assert learner.learner_ == "linear" and "too few" in learner.record_["reason"]
+    # Two positive patients: inner CV runs, each fold's tuning split is degenerate.
+    y[:4] = 1
+    learner = TabularLearner(learner="gbm", folds=5).fit(X, y, pid)
+    assert learner.record_["folds"] == 2 and learner.ensemble_ is not None
 
 
 def _hgb(seed: int = 0) -> tuple[HistGradientBoostingClassifier, np.ndarray]:
     X, y, _ = _cohort(300, seed, "u")
-    est = HistGradientBoostingClassifier(max_depth=3, max_iter=40, random_state=0).fit(X, y)
+    with threadpool_limits(limits=1, user_api="openmp"):  # 2 shared cores: no spinning
+        est = HistGradientBoostingClassifier(max_depth=3, max_iter=40, random_state=0).fit(X, y)
     Xn = X.copy()
     Xn[::5, 1] = np.nan  # missing values take each split's learned side
     return est, Xn
