@@ -20,7 +20,7 @@ from models.model_card import build_model_card, render_markdown
 from pipelines.explain import Explainer
 from pipelines.manifest import read_manifest
 from pipelines.scoring import load_model
-from pipelines.training import train
+from pipelines.training import TrainingError, train
 
 CONFIG = {"workers": 1, "device": "cpu", "notes": {"encoder": "tfidf"},
           "tabular": {"learner": "auto", "inner_folds": 3}}
@@ -107,3 +107,10 @@ def test_model_card_names_the_learner_choice(trained: dict[str, Path]) -> None:
     text = render_markdown(card)
     assert "Tabular learner:** Tabular (EHR) branch: gradient-boosted trees, chosen by " \
            "patient-grouped inner 3-fold cross-validation" in text
+
+
+def test_unknown_learner_is_a_training_error(trained: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(TrainingError, match=r"tabular\.learner: tabular learner must be one of"):
+        train(trained["manifest"], tmp_path / "model",
+              config={**CONFIG, "tabular": {"learner": "forest"}}, cache_dir=tmp_path / "c",
+              warn_small=False)
