@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from models.artifact import Artifact
+from models.fusion_simplify import describe_comparison
 from models.tabular_learner import describe_choice
 
 __all__ = [
@@ -274,6 +275,8 @@ def build_model_card(artifact: Artifact) -> dict[str, Any]:
             "demographic_inputs": demographic,
         },
         "decision_thresholds": cfg.get("decision_thresholds"),
+        # Issue 18: the inner-CV comparison of the fused head with simpler heads.
+        "baseline_comparison": _reported(cfg.get("fusion_simplification")),
         "training_data": training,
         "performance": {"internal_test": internal, "external": external, "local": local},
         "limitations": limitations,
@@ -311,6 +314,8 @@ def render_markdown(card: Mapping[str, Any]) -> str:
     for attr, para, _ in DEMOGRAPHIC_ATTRIBUTES:
         out.append(f"| {attr.replace('_', ' ')} {para} | "
                    f"{_yes_no(card['inputs']['demographic_inputs'][attr])} |")
+    out += ["", "## Baseline comparison", "",
+            *describe_comparison(_mapping(card.get("baseline_comparison"))), ""]
     out += ["", "## Training data", ""]
     out += [f"- **{k.replace('_', ' ')}:** {_text(v)}" for k, v in card["training_data"].items()]
     out += ["", "## Performance", ""]

@@ -57,6 +57,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from models.artifact import ArtifactError, generate_signing_key, load_signing_key, save_artifact
 from models.fusion import MODALITIES, Branch, FusionRiskModel
+from models.fusion_simplify import compare_fusion_heads
 from models.image_encoder import ImageEncoder
 from models.note_encoder import NoteEncoderUnavailableError, TfidfNoteEncoder, load_note_encoder
 from models.privacy import PatientOverlapError, hashed_ids, new_salt
@@ -150,6 +151,11 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # refitted: fused AUROC 0.830 -> 0.835 and 0.829 -> 0.837 (k = 1: 0.835, 0.839;
         # k = 3: 0.833, 0.836). Manifest-column models keep a weight per column.
         "ehr_rank": 2,
+        # "auto" (models.fusion_simplify): patient-grouped inner CV on the training rows
+        # compares this head with modality subsets of it (and a linear head when hidden >
+        # 0) and ships a simpler one only when its inner log-loss is lower by more than
+        # one patient-clustered SE of the paired difference; "off" records, never ships.
+        "simplify": "auto", "simplify_folds": 5,
     },
     # The EHR branch's learner (models.tabular_learner): "auto" picks the linear head or
     # gradient-boosted trees (fixed conservative settings) by patient-grouped inner CV
@@ -281,6 +287,9 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         # Checked before stage 1, which takes minutes, rather than after it.
         raise TrainingError(f"image.head_refit must be 'joint' or 'none', got "
                             f"{cfg['image']['head_refit']!r}")
+    if cfg["fusion"]["simplify"] not in ("auto", "off"):
+        raise TrainingError(f"fusion.simplify must be 'auto' or 'off', got "
+                            f"{cfg['fusion']['simplify']!r}")
     seed = int(cfg["seed"])
     _seed_everything(seed)
     out_dir = Path(out_dir)
@@ -383,6 +392,25 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         assert image_cfg is not None
         image_cfg["encoders"] = [e.to_state()[0] for e in stage1.encoders]
         image_cfg["head_refit"] = cfg["image"]["head_refit"]
+    # Never worse than a baseline: simpler heads of the same format, by inner CV. The
+    # image input is the frozen encoder's logit as the head sees it (in-sample for the
+    # encoder and the joint head refit with one encoder), not refitted per inner fold.
+    simplification = compare_fusion_heads(
+        lambda mods, hidden: _fusion_model({**cfg, "fusion": {**cfg["fusion"],
+                                                              "hidden": hidden}},
+                                           mods, seed, ehr_blocks),
+        _rows({m: X[m] for m in present_mods}, train_rows), y[train_rows], mask[train_rows],
+        present_mods, pids[train_rows], hidden=int(cfg["fusion"]["hidden"]),
+        folds=int(cfg["fusion"]["simplify_folds"]), random_state=seed,
+        mode=str(cfg["fusion"]["simplify"]))
+    if simplification["chosen"] != "full":
+        log.warning("fusion: %s", simplification["summary"])
+        shipped = simplification["shipped"]
+        cfg["fusion"] = {**cfg["fusion"], "hidden": int(shipped["hidden"])}
+        mask = mask[:, [present_mods.index(m) for m in shipped["modalities"]]]
+        present_mods = list(shipped["modalities"])
+        if "image" not in present_mods:  # its input is ignored: no encoder to ship or run
+            image_cfg, image_state = None, None
     Xm = {m: X[m] for m in present_mods}
 
     # Stage 2: fusion.
@@ -451,6 +479,7 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         "tabular_learner": (tab_learner.to_artifact()[0] if tab_learner is not None
                             else None),
         "calibration": fusion_cfg["calibrator"],
+        "fusion_simplification": simplification,
         "training": {"seed": seed, "config": _plain(cfg),
                      "seconds": round(time.perf_counter() - started, 1)},
     }
@@ -674,10 +703,14 @@ def ehr_rank_blocks(encoding: TabularEncoding, scaler: TabularPreprocessor | Non
     return [(idx, int(k)) for idx in [*blocks, indicators] if len(idx) > int(k)]
 
 
+#: ``fusion`` config keys that are not FusionRiskModel parameters.
+_NOT_HEAD_PARAMS = ("ehr_rank", "simplify", "simplify_folds")
+
+
 def _fusion_model(cfg: dict[str, Any], modalities: Sequence[str], seed: int,
                   ehr_blocks: list[tuple[list[int], int]]) -> FusionRiskModel:
     """A fusion head with the config's settings; the EHR branch reduced where blocks say."""
-    params = {k: v for k, v in cfg["fusion"].items() if k != "ehr_rank"}
+    params = {k: v for k, v in cfg["fusion"].items() if k not in _NOT_HEAD_PARAMS}
     rank = {"ehr": ehr_blocks} if ehr_blocks and "ehr" in modalities else None
     return FusionRiskModel(modalities=tuple(modalities), seed=seed, device=cfg["device"],
                            calibration=cfg["calibration"], rank=rank, **params)
@@ -695,7 +728,7 @@ def _tabular_learner(cfg: dict[str, Any], scaled: np.ndarray, raw: np.ndarray, y
     other modalities. Every other row (validation, calibration) gets the refitted trees.
     """
     tcfg = cfg.get("tabular") or {}
-    params = {k: v for k, v in cfg["fusion"].items() if k != "ehr_rank"}
+    params = {k: v for k, v in cfg["fusion"].items() if k not in _NOT_HEAD_PARAMS}
     params.update(seed=seed, calibration=cfg["calibration"],
                   rank={"ehr": ehr_blocks} if ehr_blocks else None)
     rows = train_rows[(~np.isnan(raw[train_rows])).any(axis=1)]
