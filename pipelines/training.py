@@ -155,7 +155,7 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # compares this head with modality subsets of it (and a linear head when hidden >
         # 0) and ships a simpler one only when its inner log-loss is lower by more than
         # one patient-clustered SE of the paired difference; "off" records, never ships.
-        "simplify": "auto", "simplify_folds": 5,
+        "simplify": "auto", "simplify_folds": 3,
     },
     # The EHR branch's learner (models.tabular_learner): "auto" picks the linear head or
     # gradient-boosted trees (fixed conservative settings) by patient-grouped inner CV
@@ -393,8 +393,9 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         image_cfg["encoders"] = [e.to_state()[0] for e in stage1.encoders]
         image_cfg["head_refit"] = cfg["image"]["head_refit"]
     # Never worse than a baseline: simpler heads of the same format, by inner CV. The
-    # image input is the frozen encoder's logit as the head sees it (in-sample for the
-    # encoder and the joint head refit with one encoder), not refitted per inner fold.
+    # image input is the frozen encoder's logit as the head sees it, not refitted per
+    # inner fold; with one encoder it is in-sample on the training rows (encoder and joint
+    # head refit), so then only subsets without imaging compete.
     simplification = compare_fusion_heads(
         lambda mods, hidden: _fusion_model({**cfg, "fusion": {**cfg["fusion"],
                                                               "hidden": hidden}},
@@ -402,7 +403,8 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         _rows({m: X[m] for m in present_mods}, train_rows), y[train_rows], mask[train_rows],
         present_mods, pids[train_rows], hidden=int(cfg["fusion"]["hidden"]),
         folds=int(cfg["fusion"]["simplify_folds"]), random_state=seed,
-        mode=str(cfg["fusion"]["simplify"]))
+        mode=str(cfg["fusion"]["simplify"]),
+        image_in_sample=stage1 is not None and len(stage1.encoders) < 2)
     if simplification["chosen"] != "full":
         log.warning("fusion: %s", simplification["summary"])
         shipped = simplification["shipped"]

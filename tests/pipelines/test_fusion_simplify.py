@@ -113,7 +113,7 @@ def test_model_card_states_the_simplification(noise: dict[str, Any]) -> None:
     text = render_markdown(card)
     section = text.split("## Baseline comparison", 1)[1].split("\n## ", 1)[0]
     assert "Shipped: notes only; the full EHR + notes fusion was behind by" in section
-    assert "inner 5-fold cross-validation" in section
+    assert "inner 3-fold cross-validation" in section
     assert "| notes only (shipped) |" in section and "| EHR only |" in section
 
 
