@@ -147,7 +147,10 @@ def test_bad_simplify_value_is_a_training_error(noise: dict[str, Any], tmp_path:
               config={**CONFIG, "fusion": {"simplify": "yes"}}, warn_small=False)
 
 
-def test_linear_head_is_a_candidate_only_when_the_head_is_not_linear() -> None:
+def test_candidates_linear_head_only_when_not_linear_and_no_imaging_subset_in_sample() -> None:
     keys = [c["key"] for c in _candidates(["image", "ehr", "note"], hidden=0)]
     assert keys == ["full", "image+ehr", "image+note", "ehr+note", "image", "ehr", "note"]
     assert [c["key"] for c in _candidates(["ehr", "note"], hidden=16)][-1] == "linear"
+    # An in-sample image logit would flatter subsets that keep imaging: none compete.
+    keys = [c["key"] for c in _candidates(["image", "ehr", "note"], 0, image_in_sample=True)]
+    assert keys == ["full", "ehr+note", "ehr", "note"]
