@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Literal
 
 import numpy as np
 from pydicom.uid import generate_uid
@@ -24,16 +23,13 @@ from pipelines.synth.hard_model import EHR_BLOCKS, HardModel, Site
 from pipelines.synth.hard_notes import compose_hard_notes
 from pipelines.synth.model import sigmoid
 from pipelines.synth.patient import (
-    _FAMILY,
-    _GIVEN,
-    EPOCH,
     ImagingSim,
     ObsSim,
     PatientSim,
     _minutes,
-    _pick,
     _schedule,
     age_band,
+    draw_person,
 )
 from pipelines.synth.radiograph import FORMAT_CYCLE, FORMAT_SUFFIX, RadiographSim, draw_radiograph
 
@@ -68,18 +64,10 @@ def simulate_hard_patient(i: int, mrn: str, seq: np.random.SeedSequence, model: 
     data_seq, pixel_seq = seq.spawn(2)
     rng = np.random.default_rng(data_seq)
 
-    sex: Literal["male", "female"] = "male" if rng.random() < 0.48 else "female"
-    race, ethnicity = _pick(rng, codes.RACES), _pick(rng, codes.ETHNICITIES)
-    spanish = ethnicity[0] == "2135-2" and rng.random() < 0.5
-    language = ("es", "Spanish") if spanish else ("en-US", "English (United States)")
-    given = f"{_GIVEN[sex][int(rng.integers(10))]}{int(rng.integers(10, 1000))}"
-    family = f"{_FAMILY[int(rng.integers(len(_FAMILY)))]}{int(rng.integers(10, 1000))}"
-    index_time = EPOCH + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60)))
-    admission = index_time - timedelta(hours=72)
-    ed_arrival = admission - _minutes(rng, 2 * 60, 12 * 60)
-    age_raw = float(np.clip(rng.normal(model.age_mean, model.age_sd), 18.5, 100.0))
-    birth_date = index_time.date() - timedelta(days=int(age_raw * 365.25))
-    age = (index_time.date() - birth_date).days / 365.25
+    person = draw_person(rng, model.age_mean, model.age_sd)
+    sex, race, ethnicity, language = person.sex, person.race, person.ethnicity, person.language
+    given, family, birth_date, age = person.given, person.family, person.birth_date, person.age
+    index_time, admission, ed_arrival = person.index_time, person.admission, person.ed_arrival
     site = _site(rng, model.sites)
 
     # Latent signal and outcome.

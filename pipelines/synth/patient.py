@@ -128,13 +128,25 @@ def _minutes(rng: np.random.Generator, lo: int, hi: int) -> timedelta:
     return timedelta(minutes=int(rng.integers(lo, hi)))
 
 
-def simulate_patient(i: int, mrn: str, seq: np.random.SeedSequence, model: SynthModel, *,
-                     seed: int, bias: bool) -> PatientSim:
-    """Draw patient ``i`` from ``seq`` (its own child SeedSequence)."""
-    data_seq, pixel_seq = seq.spawn(2)
-    rng = np.random.default_rng(data_seq)
+@dataclass(frozen=True)
+class Person:
+    """A synthetic patient's demographics and admission timeline, before any signal."""
 
-    # Demographics and timeline.
+    sex: Literal["male", "female"]
+    race: tuple[str, str]
+    ethnicity: tuple[str, str]
+    language: tuple[str, str]
+    given: str
+    family: str
+    index_time: datetime
+    admission: datetime
+    ed_arrival: datetime
+    birth_date: date
+    age: float
+
+
+def draw_person(rng: np.random.Generator, age_mean: float, age_sd: float) -> Person:
+    """Demographics and timeline, drawn in one fixed order so a seed gives the same cohort."""
     sex: Literal["male", "female"] = "male" if rng.random() < 0.48 else "female"
     race, ethnicity = _pick(rng, codes.RACES), _pick(rng, codes.ETHNICITIES)
     spanish = ethnicity[0] == "2135-2" and rng.random() < 0.5
@@ -144,10 +156,24 @@ def simulate_patient(i: int, mrn: str, seq: np.random.SeedSequence, model: Synth
     index_time = EPOCH + timedelta(minutes=int(rng.integers(0, 365 * 24 * 60)))
     admission = index_time - timedelta(hours=72)
     ed_arrival = admission - _minutes(rng, 2 * 60, 12 * 60)
-    age_raw = float(np.clip(rng.normal(model.age_mean, model.age_sd), 18.5, 100.0))
-    age_days = int(age_raw * 365.25)
-    birth_date = index_time.date() - timedelta(days=age_days)
+    age_raw = float(np.clip(rng.normal(age_mean, age_sd), 18.5, 100.0))
+    birth_date = index_time.date() - timedelta(days=int(age_raw * 365.25))
     age = (index_time.date() - birth_date).days / 365.25
+    return Person(sex, race, ethnicity, language, given, family, index_time, admission,
+                  ed_arrival, birth_date, age)
+
+
+def simulate_patient(i: int, mrn: str, seq: np.random.SeedSequence, model: SynthModel, *,
+                     seed: int, bias: bool) -> PatientSim:
+    """Draw patient ``i`` from ``seq`` (its own child SeedSequence)."""
+    data_seq, pixel_seq = seq.spawn(2)
+    rng = np.random.default_rng(data_seq)
+
+    # Demographics and timeline.
+    person = draw_person(rng, model.age_mean, model.age_sd)
+    sex, race, ethnicity, language = person.sex, person.race, person.ethnicity, person.language
+    given, family, birth_date, age = person.given, person.family, person.birth_date, person.age
+    index_time, admission, ed_arrival = person.index_time, person.admission, person.ed_arrival
 
     # Hidden factors and outcome.
     z_img, z_ehr, z_note = (float(v) for v in rng.standard_normal(3))
