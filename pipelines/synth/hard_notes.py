@@ -16,7 +16,7 @@ from datetime import datetime
 import numpy as np
 
 from pipelines.synth.hard_model import Finding
-from pipelines.synth.notes import FILLER, NOTE_TYPES, NoteSim
+from pipelines.synth.notes import FILLER, NOTE_TYPES, NoteSim, scatter_phrases
 
 __all__ = ["BOILERPLATE", "FINDING_PHRASES", "compose_hard_notes"]
 
@@ -76,12 +76,8 @@ def compose_hard_notes(rng: np.random.Generator, present: np.ndarray,
     if n_notes == 0:
         return []
     bodies: list[list[str]] = [[] for _ in range(n_notes)]
-    for k, finding in enumerate(findings):
-        affirm, negate = FINDING_PHRASES[finding.name]
-        if present[k]:
-            bodies[int(rng.integers(n_notes))].append(affirm[int(rng.integers(len(affirm)))])
-        elif rng.random() < p_negated:
-            bodies[int(rng.integers(n_notes))].append(negate[int(rng.integers(len(negate)))])
+    scatter_phrases(rng, bodies, present, [f.name for f in findings], FINDING_PHRASES,
+                    p_negated=p_negated)
     for affirmed, denied in BOILERPLATE:
         if rng.random() < 0.5:
             bodies[int(rng.integers(n_notes))].append(affirmed if rng.random() < 0.4 else denied)

@@ -8,7 +8,7 @@ names the outcome (see ``codes.OUTCOME_TERMS``; the tests grep for them).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -81,6 +81,21 @@ class NoteSim:
     text: str
 
 
+def scatter_phrases(rng: np.random.Generator, bodies: list[list[str]], present: np.ndarray,
+                    names: Sequence[str],
+                    phrases: Mapping[str, tuple[Sequence[str], Sequence[str]]],
+                    *, p_negated: float) -> None:
+    """Put an affirming phrase of each present item, or with ``p_negated`` a negating one of
+    an absent item, into a random note's body (in place; one fixed draw order)."""
+    n_notes = len(bodies)
+    for k, name in enumerate(names):
+        affirm, negate = phrases[name]
+        if present[k]:
+            bodies[int(rng.integers(n_notes))].append(affirm[int(rng.integers(len(affirm)))])
+        elif rng.random() < p_negated:
+            bodies[int(rng.integers(n_notes))].append(negate[int(rng.integers(len(negate)))])
+
+
 def compose_notes(rng: np.random.Generator, present: np.ndarray, symptoms: Sequence[Symptom],
                   times: Sequence[datetime], *, age: int, sex: str, reason: str
                   ) -> list[NoteSim]:
@@ -89,12 +104,7 @@ def compose_notes(rng: np.random.Generator, present: np.ndarray, symptoms: Seque
     if n_notes == 0:
         return []
     bodies: list[list[str]] = [[] for _ in range(n_notes)]
-    for k, symptom in enumerate(symptoms):
-        affirm, negate = PHRASES[symptom.name]
-        if present[k]:
-            bodies[int(rng.integers(n_notes))].append(affirm[int(rng.integers(len(affirm)))])
-        elif rng.random() < 0.5:
-            bodies[int(rng.integers(n_notes))].append(negate[int(rng.integers(len(negate)))])
+    scatter_phrases(rng, bodies, present, [s.name for s in symptoms], PHRASES, p_negated=0.5)
     person = "man" if sex == "male" else "woman"
     notes = []
     for i, when in enumerate(times):
