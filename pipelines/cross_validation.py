@@ -1,7 +1,8 @@
 """``clinfuse evaluate --cv K``: the fused model and simple baselines in the same folds.
 
 For each outer fold (:mod:`pipelines.cv_splits`: patient-grouped and label-stratified,
-or temporal):
+temporal, or external -- ``--train-manifest A --manifest B`` trains on cohort A and
+tests on cohort B, the manifests stacked by :func:`stacked_manifest`):
 
 1. The fused model is trained on the training rows by :func:`pipelines.training.train`,
    the code path of ``clinfuse train`` (its own validation split, image encoder, fusion
@@ -55,9 +56,16 @@ from pipelines.baselines import (
     baseline_frame,
     make_baseline,
 )
-from pipelines.cv_splits import SPLITS, Fold, SplitError, grouped_folds, temporal_folds
+from pipelines.cv_splits import (
+    SPLITS,
+    Fold,
+    SplitError,
+    external_fold,
+    grouped_folds,
+    temporal_folds,
+)
 from pipelines.imaging.volume import ImageError
-from pipelines.manifest import CohortManifest, read_manifest
+from pipelines.manifest import RESERVED_COLUMNS, CohortManifest, read_manifest
 from pipelines.model_inputs import (
     ImageTensors,
     ModelDataError,
@@ -70,7 +78,7 @@ from pipelines.model_inputs import (
 from pipelines.scoring import LoadedModel, load_model
 from pipelines.training import DEFAULT_CONFIG, USER_ERRORS, load_config, train
 
-__all__ = ["FUSED", "cross_validate", "main_evaluate_cv"]
+__all__ = ["FUSED", "cross_validate", "main_evaluate_cv", "stacked_manifest"]
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +88,8 @@ FUSED = "fused"
 def cross_validate(manifest_path: str | Path, out_dir: str | Path, *, k: int = 5,
                    repeats: int = 1, split: str = "grouped", seed: int = 0,
                    n_boot: int = 1000, config: dict[str, Any] | None = None,
-                   device: str | None = None, cache_dir: str | Path | None = None
-                   ) -> dict[str, Any]:
+                   device: str | None = None, cache_dir: str | Path | None = None,
+                   train_manifest_path: str | Path | None = None) -> dict[str, Any]:
     """Run the cross-validation; writes ``oof_scores.csv``, ``cv.json``, ``cv.html``.
 
     Parameters
@@ -92,7 +100,9 @@ def cross_validate(manifest_path: str | Path, out_dir: str | Path, *, k: int = 5
         Created if needed.
     k, repeats : int
         Outer folds; repeats of the grouped split (seeds ``seed + r``).
-    split : {"grouped", "temporal"}
+    split : {"grouped", "temporal", "external"}
+        "external": train on ``train_manifest_path``, test on ``manifest_path``
+        (one fold; ``k`` is ignored).
     seed : int
         Seeds the splits, the baselines (``seed + repeat``) and the bootstrap.
     n_boot : int
@@ -104,6 +114,8 @@ def cross_validate(manifest_path: str | Path, out_dir: str | Path, *, k: int = 5
         The fused model's device.
     cache_dir : path, optional
         Image tensors and sentence embeddings; default a temporary folder.
+    train_manifest_path : path, optional
+        The training cohort of the external split.
 
     Returns
     -------
@@ -113,8 +125,10 @@ def cross_validate(manifest_path: str | Path, out_dir: str | Path, *, k: int = 5
     started = time.perf_counter()
     if split not in SPLITS:
         raise SplitError(f"--split must be one of {list(SPLITS)}, got {split!r}")
-    if split == "temporal" and repeats != 1:
-        raise SplitError("--split temporal is deterministic; use --repeats 1")
+    if split != "grouped" and repeats != 1:
+        raise SplitError(f"--split {split} is deterministic; use --repeats 1")
+    if (split == "external") != (train_manifest_path is not None):
+        raise SplitError("--train-manifest and the external split go together")
     overrides = dict(config or {})
     # The artifact's retrained no-image comparison model is for `clinfuse evaluate
     # --model`; the fold artifacts are discarded, so it would only cost time.
@@ -122,13 +136,20 @@ def cross_validate(manifest_path: str | Path, out_dir: str | Path, *, k: int = 5
     if device is not None:
         overrides["device"] = device
     manifest = read_manifest(manifest_path, strict=False)
+    n_external_train = 0
+    if train_manifest_path is not None:
+        training = read_manifest(train_manifest_path, strict=False)
+        n_external_train = len(training.frame)
+        manifest = stacked_manifest(training, manifest)
     frame = manifest.frame
     y = frame["label"].to_numpy(int)
     pids = frame["patient_id"].astype(str).to_numpy()
     if len(np.unique(y)) < 2:
         raise ModelDataError(f"{manifest.path}: every label is {int(y[0])}; cross-validation "
                              "needs both classes")
-    if split == "temporal":
+    if split == "external":
+        folds = [external_fold(pids, y, n_external_train)]
+    elif split == "temporal":
         if "index_time" not in frame.columns:
             raise SplitError(f"{manifest.path}: --split temporal needs an index_time column")
         folds = temporal_folds(pids, frame["index_time"], y, k)
@@ -199,12 +220,19 @@ def cross_validate(manifest_path: str | Path, out_dir: str | Path, *, k: int = 5
     result.update({
         "baselines": {b: BASELINE_DESCRIPTIONS[b] for b in ran},
         "skipped_baselines": skipped,
-        "split": {"kind": split, "k": k, "repeats": repeats if split == "grouped" else 1,
+        "split": {"kind": split, "k": 1 if split == "external" else k,
+                  "repeats": repeats if split == "grouped" else 1,
                   "seeds": sorted({f.seed for f in folds if f.seed is not None}),
                   "rule": _SPLIT_RULES[split]},
         "folds": fold_records,
         "manifest": {"name": manifest.path.name, "n_rows": n_rows,
                      "n_patients": len(set(pids)), "n_events": int(y.sum())},
+        **({"external": {"train_manifest": Path(train_manifest_path).name,
+                         "n_train_rows": n_external_train,
+                         "n_test_rows": n_rows - n_external_train,
+                         "n_test_rows_left_out_shared_patients":
+                             n_rows - n_external_train - len(folds[0].test)}}
+           if train_manifest_path is not None else {}),
         "fused_config_overrides": overrides,
         "wall_seconds": round(time.perf_counter() - started, 1),
     })
@@ -223,7 +251,40 @@ _SPLIT_RULES = {
     "temporal": "patients ordered by first index_time in K + 1 blocks; fold k trains on "
                 "blocks < k (rows strictly before the test block's first index_time) and "
                 "tests on block k",
+    "external": "one fold: train on every row of --train-manifest, test on --manifest "
+                "(test rows of a patient also in the training manifest left out)",
 }
+
+
+def stacked_manifest(train: CohortManifest, test: CohortManifest) -> CohortManifest:
+    """The training rows, then the test rows, as one manifest (paths made absolute).
+
+    The training manifest decides the columns and the sidecar: a feature column only
+    the test manifest has is not used; one it lacks is refused, as scoring would.
+    """
+    missing = [c for c in train.feature_columns if c not in test.frame.columns]
+    if missing:
+        raise ModelDataError(f"{test.path}: lacks the training manifest's feature column(s) "
+                             f"{missing[:10]}{' ...' if len(missing) > 10 else ''}")
+    reserved = [c for c in test.frame.columns
+                if c in RESERVED_COLUMNS and c not in train.frame.columns]
+    columns = [*train.frame.columns, *reserved]
+    parts = [_absolute_paths(m).reindex(columns=columns) for m in (train, test)]
+    lines = [*(train.line_of(i) for i in range(len(train.frame))),
+             *(test.line_of(i) for i in range(len(test.frame)))]
+    return dataclasses.replace(train, path=test.path,
+                               frame=pd.concat(parts, ignore_index=True), lines=lines,
+                               warnings=[*train.warnings, *test.warnings])
+
+
+def _absolute_paths(manifest: CohortManifest) -> pd.DataFrame:
+    """The manifest's frame with image and note paths absolute."""
+    part = manifest.frame.copy()
+    for column in ("image", "note_path"):
+        if column in part.columns:
+            part[column] = [None if pd.isna(v) or not str(v).strip()
+                            else str(manifest.root / str(v)) for v in part[column]]
+    return part
 
 
 def _time_range(frame: pd.DataFrame, fold: Fold) -> dict[str, Any]:
@@ -275,11 +336,7 @@ def _load_all_images(manifest: CohortManifest, overrides: dict[str, Any], cache:
 def _fold_manifest(manifest: CohortManifest, rows: np.ndarray, folder: Path) -> Path:
     """The rows as a manifest of their own (Parquet keeps types), paths made absolute."""
     folder.mkdir(parents=True, exist_ok=True)
-    part = manifest.frame.iloc[rows].reset_index(drop=True).copy()
-    for column in ("image", "note_path"):
-        if column in part.columns:
-            part[column] = [None if pd.isna(v) or not str(v).strip()
-                            else str(manifest.root / str(v)) for v in part[column]]
+    part = _absolute_paths(manifest).iloc[rows].reset_index(drop=True)
     path = folder / "manifest.parquet"
     part.to_parquet(path, index=False)
     path.with_suffix(".yaml").write_text(yaml.safe_dump(manifest.sidecar, sort_keys=False))
@@ -399,13 +456,15 @@ def _json_default(value: Any) -> Any:
 def main_evaluate_cv(manifest: str | Path, out_dir: str | Path, *, k: int, repeats: int = 1,
                      split: str = "grouped", n_boot: int = 1000, seed: int = 0,
                      config_path: str | Path | None = None, device: str | None = None,
-                     cache_dir: str | Path | None = None, stderr: TextIO | None = None) -> int:
+                     cache_dir: str | Path | None = None, stderr: TextIO | None = None,
+                     train_manifest: str | Path | None = None) -> int:
     """CLI body of ``clinfuse evaluate --cv``: 0 on success, 1 with a one-line reason."""
     stream = stderr if stderr is not None else sys.stderr
     try:
         result = cross_validate(manifest, out_dir, k=k, repeats=repeats, split=split,
                                 seed=seed, n_boot=n_boot, config=load_config(config_path),
-                                device=device, cache_dir=cache_dir)
+                                device=device, cache_dir=cache_dir,
+                                train_manifest_path=train_manifest)
     except (*USER_ERRORS, ModelDataError, ValueError) as exc:
         stream.write(f"clinfuse evaluate: {exc}\n")
         return 1

@@ -17,6 +17,12 @@ Two schemes; in both a patient's rows are all on one side of every split.
     time comes after every training index time even when a patient has several rows.
     Block 0 is only ever training data, so about K/(K + 1) of the patients get an
     out-of-fold score. The split is deterministic: one repeat.
+
+``external``
+    Train on one cohort, test on another (``--train-manifest``): a fresh cohort, a
+    later period or another site. The two manifests are stacked, training rows first;
+    one fold trains on the first and tests on the second. A patient in both is kept
+    on the training side only (:func:`external_fold` drops their test rows).
 """
 
 from __future__ import annotations
@@ -28,10 +34,10 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-__all__ = ["SPLITS", "Fold", "SplitError", "grouped_folds", "temporal_folds"]
+__all__ = ["SPLITS", "Fold", "SplitError", "external_fold", "grouped_folds", "temporal_folds"]
 
-SplitKind = Literal["grouped", "temporal"]
-SPLITS: tuple[SplitKind, ...] = ("grouped", "temporal")
+SplitKind = Literal["grouped", "temporal", "external"]
+SPLITS: tuple[SplitKind, ...] = ("grouped", "temporal", "external")
 
 
 class SplitError(ValueError):
@@ -102,3 +108,22 @@ def temporal_folds(patient_ids: np.ndarray, index_time: pd.Series | np.ndarray, 
                                  f"class only; use fewer folds")
         folds.append(Fold(0, f - 1, train, test))
     return folds
+
+
+def external_fold(patient_ids: np.ndarray, y: np.ndarray, n_train: int) -> Fold:
+    """One fold over stacked manifests: rows ``< n_train`` train, the rest test.
+
+    Test rows of a patient who is also in the training rows are left out of the test
+    side, so no patient is on both sides.
+    """
+    pids = np.asarray(patient_ids).astype(str)
+    y = np.asarray(y).astype(int)
+    train = np.arange(n_train)
+    seen = set(pids[train])
+    test = np.array([i for i in range(n_train, len(pids)) if pids[i] not in seen], dtype=int)
+    for name, rows in (("training", train), ("test", test)):
+        if len(rows) == 0 or len(np.unique(y[rows])) < 2:
+            raise SplitError(f"the {name} manifest needs rows of both labels"
+                             + ("" if len(rows) or name == "training" else
+                                " (every test patient is also in the training manifest)"))
+    return Fold(0, 0, train, test)

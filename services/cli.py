@@ -172,21 +172,27 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    if (args.model is None) == (args.cv is None):
-        sys.stderr.write("clinfuse evaluate: give --model (a trained artifact) or --cv K "
-                         "(cross-validate training), not both\n")
+    ways = [args.model is not None, args.cv is not None, args.train_manifest is not None]
+    if sum(ways) != 1:
+        sys.stderr.write("clinfuse evaluate: give one of --model (a trained artifact), --cv K "
+                         "(cross-validate training) or --train-manifest (train on one "
+                         "cohort, test on --manifest)\n")
         return 2
-    if args.cv is not None:
+    if args.train_manifest is not None and (args.split != "grouped" or args.repeats != 1):
+        sys.stderr.write("clinfuse evaluate: --train-manifest is one split; --split and "
+                         "--repeats go with --cv\n")
+        return 2
+    if args.cv is not None or args.train_manifest is not None:
         from pipelines.cross_validation import main_evaluate_cv
 
-        return main_evaluate_cv(args.manifest, args.out, k=args.cv, repeats=args.repeats,
-                                split=args.split, n_boot=args.n_boot, seed=args.seed,
-                                config_path=args.config,
+        return main_evaluate_cv(args.manifest, args.out, k=args.cv or 1, repeats=args.repeats,
+                                split="external" if args.train_manifest else args.split,
+                                n_boot=args.n_boot, seed=args.seed, config_path=args.config,
                                 device=None if args.device == "auto" else args.device,
-                                cache_dir=args.cache_dir)
+                                cache_dir=args.cache_dir, train_manifest=args.train_manifest)
     if args.repeats != 1 or args.split != "grouped" or args.config or args.cache_dir:
         sys.stderr.write("clinfuse evaluate: --repeats, --split, --config and --cache-dir "
-                         "go with --cv\n")
+                         "go with --cv or --train-manifest\n")
         return 2
     from pipelines.evaluate_model import main_evaluate
 
@@ -446,12 +452,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=_positive_int, default=None, metavar="K",
                    help="train and score in K patient-grouped folds beside simple baselines "
                         "(writes oof_scores.csv, cv.json, cv.html)")
+    p.add_argument("--train-manifest", default=None,
+                   help="train the fused model and the baselines on this cohort and test "
+                        "them on --manifest (external validation; writes what --cv writes)")
     p.add_argument("--repeats", type=_positive_int, default=1,
                    help="with --cv: repeat the K folds R times with different seeds")
     p.add_argument("--split", choices=["grouped", "temporal"], default="grouped",
                    help="with --cv: label-stratified patient folds, or train on earlier "
                         "index times and test on later ones")
-    p.add_argument("--config", default=None, help="with --cv: the fused model's YAML config")
+    p.add_argument("--config", default=None,
+                   help="with --cv or --train-manifest: the fused model's YAML config")
     p.add_argument("--cache-dir", default=None,
                    help="with --cv: image tensor and sentence embedding cache shared by folds")
     p.add_argument("--out", default="evaluation")

@@ -217,6 +217,47 @@ def test_cv_temporal_split_tests_on_later_index_times(tmp_path: Path) -> None:
     _check_shape(cv, oof)
 
 
+def test_external_split_trains_on_one_cohort_and_tests_on_another(tmp_path: Path) -> None:
+    """``--train-manifest``: every model fitted on cohort A only and scored on cohort B,
+    whose relative image paths resolve against its own folder; a patient in both is
+    tested nowhere."""
+    train_csv = write_png_cohort(tmp_path / "a", 90, seed=8, size=32)
+    test_csv = write_png_cohort(tmp_path / "b", 60, seed=9, size=32,
+                                formats=(("RGB", ".jpg"),))
+    test = pd.read_csv(test_csv)
+    test["patient_id"] = [p if i < 2 else f"Q{i:05d}" for i, p in
+                          enumerate(test["patient_id"])]  # rows 0, 1 share A's patients
+    test.to_csv(test_csv, index=False)
+    code, err, _ = _run_cli([
+        "evaluate", "--train-manifest", str(train_csv), "--manifest", str(test_csv),
+        "--out", str(tmp_path / "ext"), "--n-boot", "100",
+        "--config", str(_config(tmp_path / "small.yaml"))])
+    assert code == 0, err
+    cv = json.loads((tmp_path / "ext" / "cv.json").read_text())
+    oof = pd.read_csv(tmp_path / "ext" / "oof_scores.csv", dtype={"patient_id": str})
+    assert cv["split"]["kind"] == "external" and len(cv["folds"]) == 1
+    assert cv["external"] == {"train_manifest": "manifest.csv", "n_train_rows": 90,
+                              "n_test_rows": 60, "n_test_rows_left_out_shared_patients": 2}
+    assert cv["folds"][0]["n_train_rows"] == 90 and cv["folds"][0]["n_fused_refused"] == 0
+    assert sorted(oof["patient_id"]) == sorted(test["patient_id"][2:])
+    assert "image encoder embedding" in cv["folds"][0]["image_features"]
+    _check_shape(cv, oof)
+    # The tabular baseline, refitted by hand on A and scored on B, is the one reported.
+    columns = ["age_years", "lactate", "sodium"]
+    a = pd.read_csv(train_csv)
+    model = make_pipeline(SimpleImputer(strategy="median", add_indicator=True),
+                          StandardScaler(), LogisticRegression(C=1.0, max_iter=5000))
+    model.fit(a[columns], a["label"])
+    np.testing.assert_allclose(oof["tabular_lr"], model.predict_proba(
+        test[columns].iloc[2:])[:, 1], atol=1e-6)
+    # A test cohort without a training feature column is refused in one line.
+    test.drop(columns=["lactate"]).to_csv(test_csv, index=False)
+    code, err, _ = _run_cli([
+        "evaluate", "--train-manifest", str(train_csv), "--manifest", str(test_csv),
+        "--out", str(tmp_path / "ext2"), "--config", str(_config(tmp_path / "small.yaml"))])
+    assert code == 1 and "lacks the training manifest's feature column(s) ['lactate']" in err
+
+
 def test_temporal_folds_train_on_the_past_only() -> None:
     rng = np.random.default_rng(0)
     n = 150
@@ -299,7 +340,13 @@ def test_train_on_a_small_cohort_points_to_cv(tmp_path: Path,
 
 def test_evaluate_takes_a_model_or_cv_not_both(tmp_path: Path) -> None:
     code, err, _ = _run_cli(["evaluate", "--manifest", str(tmp_path / "m.csv")])
-    assert code == 2 and "--model" in err and "--cv" in err
+    assert code == 2 and "--model" in err and "--cv" in err and "--train-manifest" in err
+    code, err, _ = _run_cli(["evaluate", "--cv", "3", "--train-manifest", "a",
+                             "--manifest", "x"])
+    assert code == 2
+    code, err, _ = _run_cli(["evaluate", "--train-manifest", "a", "--split", "temporal",
+                             "--manifest", "x"])
+    assert code == 2 and "--train-manifest is one split" in err
     code, err, _ = _run_cli(["evaluate", "--model", "m", "--cv", "3", "--manifest", "x"])
     assert code == 2
     code, err, _ = _run_cli(["evaluate", "--model", "m", "--split", "temporal",
