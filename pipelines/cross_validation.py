@@ -278,12 +278,14 @@ def stacked_manifest(train: CohortManifest, test: CohortManifest) -> CohortManif
 
 
 def _absolute_paths(manifest: CohortManifest) -> pd.DataFrame:
-    """The manifest's frame with image and note paths absolute."""
+    """The manifest's frame with image and note paths absolute (the manifest's own
+    path may be relative to the working directory)."""
     part = manifest.frame.copy()
+    root = manifest.root.resolve()
     for column in ("image", "note_path"):
         if column in part.columns:
             part[column] = [None if pd.isna(v) or not str(v).strip()
-                            else str(manifest.root / str(v)) for v in part[column]]
+                            else str(root / str(v)) for v in part[column]]
     return part
 
 

@@ -217,10 +217,12 @@ def test_cv_temporal_split_tests_on_later_index_times(tmp_path: Path) -> None:
     _check_shape(cv, oof)
 
 
-def test_external_split_trains_on_one_cohort_and_tests_on_another(tmp_path: Path) -> None:
+def test_external_split_trains_on_one_cohort_and_tests_on_another(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``--train-manifest``: every model fitted on cohort A only and scored on cohort B,
-    whose relative image paths resolve against its own folder; a patient in both is
-    tested nowhere."""
+    whose relative image paths resolve against its own folder (both manifests given
+    relative to the working directory); a patient in both is tested nowhere."""
+    monkeypatch.chdir(tmp_path)
     train_csv = write_png_cohort(tmp_path / "a", 90, seed=8, size=32)
     test_csv = write_png_cohort(tmp_path / "b", 60, seed=9, size=32,
                                 formats=(("RGB", ".jpg"),))
@@ -229,7 +231,7 @@ def test_external_split_trains_on_one_cohort_and_tests_on_another(tmp_path: Path
                           enumerate(test["patient_id"])]  # rows 0, 1 share A's patients
     test.to_csv(test_csv, index=False)
     code, err, _ = _run_cli([
-        "evaluate", "--train-manifest", str(train_csv), "--manifest", str(test_csv),
+        "evaluate", "--train-manifest", "a/manifest.csv", "--manifest", "b/manifest.csv",
         "--out", str(tmp_path / "ext"), "--n-boot", "100",
         "--config", str(_config(tmp_path / "small.yaml"))])
     assert code == 0, err
