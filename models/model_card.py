@@ -43,6 +43,7 @@ from typing import Any, Final
 
 from models.artifact import Artifact
 from models.fusion_simplify import describe_comparison
+from models.note_learner import describe_choice as describe_note_choice
 from models.tabular_learner import describe_choice
 
 __all__ = [
@@ -272,6 +273,10 @@ def build_model_card(artifact: Artifact) -> dict[str, Any]:
             # Issue 18: which EHR learner inner CV chose, with each candidate's scores.
             "tabular_learner": _reported(cfg.get("tabular_learner")),
             "tabular_learner_text": describe_choice(cfg.get("tabular_learner")),
+            # Issue 18: which note representation inner CV chose (MiniLM or TF-IDF).
+            "note_learner": _reported(cfg.get("note_learner")),
+            "note_learner_text": (describe_note_choice(cfg.get("note_learner"))
+                                  if cfg.get("note_learner") else NOT_REPORTED),
             "demographic_inputs": demographic,
         },
         "decision_thresholds": cfg.get("decision_thresholds"),
@@ -308,6 +313,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"- **Image network:** {_text(card['inputs'].get('image_network', NOT_REPORTED))}",
         f"- **Tabular features:** {card['inputs']['n_tabular_features']}",
         f"- **Tabular learner:** {card['inputs'].get('tabular_learner_text', NOT_REPORTED)}",
+        f"- **Note learner:** {card['inputs'].get('note_learner_text', NOT_REPORTED)}",
         "",
         "| Attribute (45 CFR 170.315(b)(11)(iv)) | Used as input |", "|---|---|",
     ]

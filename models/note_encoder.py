@@ -12,7 +12,10 @@ on. Two implementations:
   elsewhere (the TF-IDF bigrams below keep "no chest" as a term).
 - :class:`TfidfNoteEncoder`: TF-IDF (uni- and bigrams, so "no chest" is a term) and
   TruncatedSVD to a fixed dimension, fitted on training sentences only. The fallback
-  when the model package is absent.
+  when the model package is absent, and the challenger of the inner-CV note learner
+  (:mod:`models.note_learner`), which fits it with ``negation_marks=True``: every word
+  of a negated sentence becomes its own ``neg_`` token, so "No chest pain." and
+  "Severe chest pain." share no term.
 
 :func:`load_note_encoder` picks one; under ``CI=true`` falling back is an error.
 :func:`pool` is the mean pooling of sentence embeddings into one note vector, with a
@@ -40,6 +43,8 @@ from sklearn.base import BaseEstimator
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
+
+from models.negation import is_negated
 
 __all__ = [
     "MINILM_DIM",
@@ -327,6 +332,8 @@ class MiniLMNoteEncoder:
 # --------------------------------------------------------------------------- TF-IDF
 
 _WORD = re.compile(r"\w+|[^\w\s]")
+#: A word as the vectorizer's token pattern sees it; what negation marks prefix.
+_MARK_WORD = re.compile(r"(?u)\b\w+\b")
 
 
 class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
@@ -348,6 +355,14 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
         Window in word tokens; matches MiniLM's so both give the same sentence lists.
     random_state : int, default 0
         Seed of the randomized SVD.
+    negation_marks : bool, default False
+        Prefix every word token of a sentence that :func:`models.negation.is_negated`
+        flags with ``neg_`` before counting terms: "No chest pain." gives ``neg_no``,
+        ``neg_chest``, ``neg_pain``, ``neg_chest neg_pain``..., never the affirmed
+        ``chest pain``. Off by default, so artifacts saved before the parameter
+        existed (their params lack it) load and fingerprint unchanged. The encoder
+        marks the sentences it is given, so pass it single sentences (as
+        :class:`pipelines.notes.NoteEmbedder` does), not whole notes.
 
     Attributes
     ----------
@@ -376,17 +391,30 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
         "min_df": [Interval(Integral, 1, None, closed="left")],
         "max_tokens": [Interval(Integral, 2, None, closed="left")],
         "random_state": [Interval(Integral, 0, None, closed="left"), None],
+        "negation_marks": ["boolean"],
     }
+
+    #: Prefix of every word token of a negated sentence (``negation_marks=True``).
+    NEGATION_PREFIX: ClassVar[str] = "neg_"
 
     def __init__(self, *, dim: int = MINILM_DIM, max_features: int = 50_000,
                  ngram_range: tuple[int, int] = (1, 2), min_df: int = 1,
-                 max_tokens: int = MINILM_MAX_TOKENS, random_state: int = 0) -> None:
+                 max_tokens: int = MINILM_MAX_TOKENS, random_state: int = 0,
+                 negation_marks: bool = False) -> None:
         self.dim = dim
         self.max_features = max_features
         self.ngram_range = ngram_range
         self.min_df = min_df
         self.max_tokens = max_tokens
         self.random_state = random_state
+        self.negation_marks = negation_marks
+
+    def _marked(self, sentences: Sequence[str]) -> list[str]:
+        """The sentences as the vectorizer sees them: negated ones' words prefixed."""
+        if not self.negation_marks:
+            return list(sentences)
+        return [_MARK_WORD.sub(lambda m: self.NEGATION_PREFIX + m.group(0), s)
+                if is_negated(s) else s for s in sentences]
 
     def _new_vectorizer(self) -> TfidfVectorizer:
         return TfidfVectorizer(lowercase=True, ngram_range=tuple(self.ngram_range),
@@ -403,7 +431,7 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
         if not 1 <= self.ngram_range[0] <= self.ngram_range[1]:
             raise ValueError(f"The 'ngram_range' parameter of TfidfNoteEncoder must satisfy "
                              f"1 <= min <= max, got {self.ngram_range!r}")
-        texts = list(sentences)
+        texts = self._marked(sentences)
         if not texts:
             raise ValueError("TfidfNoteEncoder.fit needs at least one training sentence")
         vectorizer = self._new_vectorizer()
@@ -429,7 +457,11 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
 
     def _fingerprint(self) -> str:
         digest = hashlib.sha256()
-        digest.update(json.dumps(self.get_params(), sort_keys=True, default=list).encode())
+        params = self.get_params()
+        if not params["negation_marks"]:
+            # Unmarked: hashed as before the parameter existed, so old artifacts verify.
+            del params["negation_marks"]
+        digest.update(json.dumps(params, sort_keys=True, default=list).encode())
         vocab = sorted(self.vectorizer_.vocabulary_.items(), key=lambda kv: kv[1])
         digest.update("\n".join(term for term, _ in vocab).encode())
         digest.update(np.asarray(self.vectorizer_.idf_, dtype=np.float32).tobytes())
@@ -438,9 +470,11 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
 
     @property
     def name(self) -> str:
-        """``tfidf-svd<dim>-<fingerprint>``; only defined once fitted."""
+        """``tfidf-svd<dim>-<fingerprint>`` (``tfidf-neg-svd...`` with negation marks);
+        only defined once fitted."""
         check_is_fitted(self, "fingerprint_")
-        return f"tfidf-svd{self.dim}-{self.fingerprint_}"
+        marks = "-neg" if self.negation_marks else ""
+        return f"tfidf{marks}-svd{self.dim}-{self.fingerprint_}"
 
     def encode(self, sentences: Sequence[str]) -> np.ndarray:
         """Unit-norm float32 embeddings, shape ``(len(sentences), dim)``.
@@ -451,7 +485,7 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
         out = np.zeros((len(sentences), self.dim), dtype=np.float32)
         if len(sentences) == 0:
             return out
-        tfidf = self.vectorizer_.transform(list(sentences))
+        tfidf = self.vectorizer_.transform(self._marked(sentences))
         out[:, :self.n_components_] = np.asarray(tfidf @ self.components_.T, dtype=np.float32)
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         np.divide(out, norms, out=out, where=norms > 0)
@@ -493,6 +527,8 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
             raise ValueError(f"TfidfNoteEncoder state lacks {sorted(missing)}")
         params = json.loads(str(state["params"][()]))
         params["ngram_range"] = tuple(params["ngram_range"])
+        # Artifacts saved before negation marks existed lack the key: marks off.
+        params["negation_marks"] = bool(params.get("negation_marks", False))
         enc = cls(**params)
         vectorizer = enc._new_vectorizer()
         vectorizer.vocabulary_ = {str(t): i for i, t in enumerate(state["vocabulary"])}

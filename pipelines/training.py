@@ -356,7 +356,6 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         if tab_learner.learner_ == "gbm":
             ehr_blocks = []  # the EHR input is now one logit: no column blocks to reduce
 
-    # Notes.
     # Notes: the encoder chosen by inner CV of the note head (models.note_learner).
     notes = manifest.notes()
     note_encoder = None

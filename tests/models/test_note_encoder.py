@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import socket
 import sys
@@ -180,6 +181,50 @@ def test_tfidf_state_round_trips_through_npz() -> None:
         TfidfNoteEncoder.from_state(state)
     with pytest.raises(ValueError, match="lacks"):
         TfidfNoteEncoder.from_state({"params": state["params"]})
+
+
+def _terms(encoder: TfidfNoteEncoder, sentence: str) -> set[str]:
+    """The vocabulary terms a sentence hits, as the fitted encoder counts them."""
+    vocab = {i: t for t, i in encoder.vectorizer_.vocabulary_.items()}
+    row = encoder.vectorizer_.transform(encoder._marked([sentence]))
+    return {vocab[int(j)] for j in row.nonzero()[1]}
+
+
+def test_tfidf_negation_marks_give_negated_findings_their_own_terms() -> None:
+    marked = TfidfNoteEncoder(dim=8, negation_marks=True).fit(TRAIN)
+    negated, affirmed = _terms(marked, "No chest pain."), _terms(marked, "Severe chest pain.")
+    assert negated == {"neg_no", "neg_chest", "neg_pain", "neg_no neg_chest",
+                       "neg_chest neg_pain"}
+    assert {"chest", "pain", "chest pain"} <= affirmed
+    assert negated.isdisjoint(affirmed)
+    # The two sentences' vectors are orthogonal in TF-IDF space, so far apart after SVD
+    # too; unmarked, they share "chest", "pain" and "chest pain".
+    plain = TfidfNoteEncoder(dim=8).fit(TRAIN)
+    assert _terms(plain, "No chest pain.") & _terms(plain, "Severe chest pain.") == {
+        "chest", "pain", "chest pain"}
+    # A pseudo-negation is not marked: "no change in cough" keeps the affirmed "cough".
+    assert "cough" in _terms(marked, "No change in cough.")
+    # The flag is part of the name and the fingerprint: caches never mix the two fits.
+    assert marked.name.startswith("tfidf-neg-svd8-") and plain.name.startswith("tfidf-svd8-")
+    assert marked.fingerprint_ != plain.fingerprint_
+
+
+def test_tfidf_negation_marks_survive_the_state_and_old_states_load_unmarked() -> None:
+    marked = TfidfNoteEncoder(dim=8, negation_marks=True).fit(TRAIN)
+    restored = TfidfNoteEncoder.from_state(marked.get_state())
+    assert restored.negation_marks is True and restored.name == marked.name
+    probe = ["No chest pain.", "Severe chest pain.", "Denies fever."]
+    assert np.array_equal(restored.encode(probe), marked.encode(probe))
+    # A state written before the parameter existed: its params JSON has no flag and its
+    # fingerprint was hashed without it. It loads, unmarked, with the same name.
+    plain = TfidfNoteEncoder(dim=8).fit(TRAIN)
+    state = plain.get_state()
+    params = json.loads(str(state["params"][()]))
+    del params["negation_marks"]
+    state["params"] = np.array(json.dumps(params, sort_keys=True))
+    old = TfidfNoteEncoder.from_state(state)
+    assert old.negation_marks is False and old.name == plain.name
+    assert np.array_equal(old.encode(probe), plain.encode(probe))
 
 
 def test_tfidf_parameters_are_checked_at_fit() -> None:

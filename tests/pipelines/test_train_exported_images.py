@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 import pipelines.model_inputs as model_inputs
-import pipelines.training as training
+import pipelines.note_choice as note_choice
 from models.artifact import load_artifact
 from pipelines.training import DEFAULT_CONFIG, main_train
 from tests.pipelines.png_cohort import EXPORT_FORMATS, write_png_cohort
@@ -29,7 +29,7 @@ def test_default_config_trains_on_rgb_rgba_palette_and_grey_images_with_notes(
     assert {p.suffix for p in (tmp_path / "cohort" / "images").iterdir()} == {".png", ".jpg"}
 
     events: list[str] = []
-    real_embed, real_pool = training.embed_notes, model_inputs.ThreadPoolExecutor
+    real_embed, real_pool = note_choice.embed_notes, model_inputs.ThreadPoolExecutor
 
     def embed_spy(*args: Any, **kwargs: Any) -> Any:
         events.append("notes embedded")
@@ -40,14 +40,16 @@ def test_default_config_trains_on_rgb_rgba_palette_and_grey_images_with_notes(
             events.append(f"image pool of {kwargs.get('max_workers')}")
             super().__init__(*args, **kwargs)
 
-    monkeypatch.setattr(training, "embed_notes", embed_spy)
+    monkeypatch.setattr(note_choice, "embed_notes", embed_spy)
     monkeypatch.setattr(model_inputs, "ThreadPoolExecutor", PoolSpy)
 
     err = io.StringIO()
     assert main_train(manifest, tmp_path / "model", stderr=err) == 0, err.getvalue()
     assert "Traceback" not in err.getvalue()
-    # The path that hung: notes first, then a pool of the default 2 workers.
-    assert events == ["notes embedded", f"image pool of {DEFAULT_CONFIG['workers']}"]
+    # The path that hung: notes first, then a pool of the default 2 workers. The notes
+    # are embedded three times: both candidate encoders on the training rows (the
+    # note learner's inner CV), then the chosen one on every row.
+    assert events == ["notes embedded"] * 3 + [f"image pool of {DEFAULT_CONFIG['workers']}"]
 
     art = load_artifact(tmp_path / "model", trusted_public_keys=None)
     assert art.config["image"]["spatial_dims"] == 2
