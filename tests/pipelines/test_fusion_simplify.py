@@ -32,12 +32,15 @@ SIDECAR = ("sensitive: []\nfeature_source: manifest\noutcome:\n  name: x\n  defi
            "  horizon_days: 30\n  population: adults\n")
 
 
-def _write(out: Path, *, ehr_signal: float, n_noise: int, seed: int, n: int = 100) -> Path:
-    """Risk = ehr_signal * lactate + 1.5 * (what the note says), plus n_noise noise columns."""
+def _write(out: Path, *, ehr_signal: float, n_noise: int, seed: int, n: int = 100,
+           note_signal: float = 1.5) -> Path:
+    """Risk = ehr_signal * lactate + note_signal * (what the note says), plus n_noise noise
+    columns."""
     rng = np.random.default_rng(seed)
     out.mkdir(parents=True, exist_ok=True)
     lactate, hidden = rng.normal(size=n), rng.normal(size=n)
-    y = (rng.random(n) < 1 / (1 + np.exp(-(ehr_signal * lactate + 1.5 * hidden)))).astype(int)
+    y = (rng.random(n) < 1 / (1 + np.exp(-(ehr_signal * lactate + note_signal * hidden)))
+         ).astype(int)
     rows = []
     for i in range(n):
         note = ("fever rigors confusion" if hidden[i] > 0.3 else
@@ -154,3 +157,23 @@ def test_candidates_linear_head_only_when_not_linear_and_no_imaging_subset_in_sa
     # An in-sample image logit would flatter subsets that keep imaging: none compete.
     keys = [c["key"] for c in _candidates(["image", "ehr", "note"], 0, image_in_sample=True)]
     assert keys == ["full", "ehr+note", "ehr", "note"]
+
+
+def test_a_candidate_no_better_than_the_base_rate_is_not_shipped(tmp_path: Path) -> None:
+    """Nothing carries signal: the overfitting full head loses to a near-constant simpler
+    head, which is still not shipped, because it does not beat the base rate either."""
+    manifest = _write(tmp_path / "cohort", ehr_signal=0.0, n_noise=150, seed=1,
+                      note_signal=0.0)
+    model = train(manifest, tmp_path / "model", config=CONFIG, cache_dir=tmp_path / "cache",
+                  warn_small=False)
+    m = load_model(model, trusted_keys=[tmp_path / "model.key.pub"], device="cpu")
+    rec = m.config["fusion_simplification"]
+    best = min(rec["candidates"][1:], key=lambda r: r["log_loss"])
+    assert best["z"] > 1.0 >= best["z_over_base_rate"], rec["candidates"]
+    assert rec["chosen"] == rec["auto_choice"] == "full"
+    assert m.config["input_modalities"] == ["ehr", "note"]
+    assert "not ahead of the base rate" in rec["summary"]
+    # The base rate is each inner fold's training event rate: about the label entropy.
+    ybar = pd.read_csv(manifest)["label"].mean()
+    entropy = -(ybar * np.log(ybar) + (1 - ybar) * np.log(1 - ybar))
+    assert rec["base_rate_log_loss"] == pytest.approx(entropy, abs=0.01)
