@@ -54,6 +54,8 @@ __all__ = [
     "NoteEncoderUnavailableError",
     "TfidfNoteEncoder",
     "load_note_encoder",
+    "mark_negated",
+    "new_tfidf_vectorizer",
     "pool",
 ]
 
@@ -336,6 +338,27 @@ _WORD = re.compile(r"\w+|[^\w\s]")
 _MARK_WORD = re.compile(r"(?u)\b\w+\b")
 
 
+def mark_negated(sentences: Sequence[str], prefix: str = "neg_") -> list[str]:
+    """Prefix every word of each sentence :func:`models.negation.is_negated` flags.
+
+    "No chest pain." -> "neg_No neg_chest neg_pain."; affirmed sentences unchanged.
+    Shared by :class:`TfidfNoteEncoder` and :class:`models.note_scorer.TfidfLrNoteScorer`.
+    """
+    return [_MARK_WORD.sub(lambda m: prefix + m.group(0), s) if is_negated(s) else s
+            for s in sentences]
+
+
+def new_tfidf_vectorizer(ngram_range: Sequence[int], min_df: int,
+                         max_features: int | None, dtype: Any = np.float32
+                         ) -> TfidfVectorizer:
+    """The sentence-level TF-IDF vectorizer both TF-IDF note models use (l2 rows,
+    sublinear tf, single-character words kept)."""
+    return TfidfVectorizer(lowercase=True, ngram_range=tuple(ngram_range), min_df=min_df,
+                           max_features=max_features, sublinear_tf=True, dtype=dtype,
+                           # single characters count: "L" knee, "2" vessels
+                           token_pattern=r"(?u)\b\w+\b")
+
+
 class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
     """TF-IDF + TruncatedSVD sentence encoder; the fallback when MiniLM is absent.
 
@@ -413,15 +436,10 @@ class TfidfNoteEncoder(BaseEstimator):  # type: ignore[misc]
         """The sentences as the vectorizer sees them: negated ones' words prefixed."""
         if not self.negation_marks:
             return list(sentences)
-        return [_MARK_WORD.sub(lambda m: self.NEGATION_PREFIX + m.group(0), s)
-                if is_negated(s) else s for s in sentences]
+        return mark_negated(sentences, self.NEGATION_PREFIX)
 
     def _new_vectorizer(self) -> TfidfVectorizer:
-        return TfidfVectorizer(lowercase=True, ngram_range=tuple(self.ngram_range),
-                               min_df=self.min_df, max_features=self.max_features,
-                               sublinear_tf=True, dtype=np.float32,
-                               # single characters count: "L" knee, "2" vessels
-                               token_pattern=r"(?u)\b\w+\b")
+        return new_tfidf_vectorizer(tuple(self.ngram_range), self.min_df, self.max_features)
 
     def fit(self, sentences: Sequence[str], y: Any = None) -> TfidfNoteEncoder:
         """Learn vocabulary, IDF and SVD directions from training sentences."""

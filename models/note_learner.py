@@ -11,7 +11,13 @@ patient-grouped inner K-fold, between two note representations:
   (:class:`models.note_encoder.TfidfNoteEncoder`) with **negation marks**: every
   word of a sentence that :func:`models.negation.is_negated` flags becomes its own
   ``neg_`` token, so "No chest pain." and "Severe chest pain." share no term, and
-  the sentence vectors are mean-pooled.
+  the sentence vectors are mean-pooled;
+- **tfidf-lr**: a supervised sentence scorer
+  (:class:`models.note_scorer.TfidfLrNoteScorer`): negation-marked sparse TF-IDF
+  uni- and bigrams and a logistic regression on the notes, split back into one
+  score per sentence, negation-pooled into 4 columns (summed affirmed scores,
+  summed negated scores, the counts). Its training rows' vectors are out-of-fold
+  (cross-fitted by patient), so the note head sees honest scores.
 
 The encoders never see a label, and they are fitted once -- the TF-IDF vocabulary
 and SVD on the training split's note sentences -- never per inner fold: the inner
@@ -22,9 +28,10 @@ pooled vectors of the training rows that have a note. Each candidate is scored o
 the held-out inner fold by **log-loss** of the head's logit (a proper score that
 uses every row; the fusion head consumes that logit, so its scale matters).
 
-Rule: the incumbent stays unless TF-IDF's out-of-fold log-loss is lower by more
-than one patient-clustered standard error of the paired per-row difference
-(``z > 1``). Too few patients of a class for two inner folds: the incumbent, with
+Rule: the incumbent stays unless a challenger's out-of-fold log-loss is lower by
+more than one patient-clustered standard error of the paired per-row difference
+(``z > 1``); of several challengers that pass, the one with the lowest log-loss.
+Too few patients of a class for two inner folds: the incumbent, with
 the reason recorded. ``learner="minilm"`` or ``"tfidf"`` forces a candidate and
 skips the CV. When MiniLM is not installed, "auto" means TF-IDF and the record
 says why (:func:`models.note_encoder.load_note_encoder`'s fallback semantics:
@@ -67,15 +74,18 @@ __all__ = ["CANDIDATES", "INCUMBENT", "LEARNERS", "NoteLearner", "describe_choic
 
 log = logging.getLogger(__name__)
 
-LEARNERS: tuple[str, ...] = ("auto", "minilm", "tfidf")
-#: The candidates in the order they are scored; the incumbent first.
-CANDIDATES: tuple[str, ...] = ("minilm", "tfidf")
+LEARNERS: tuple[str, ...] = ("auto", "minilm", "tfidf", "tfidf-lr")
+#: The candidates in the order they are scored; the incumbent first (when it is given;
+#: else the first given one is the incumbent).
+CANDIDATES: tuple[str, ...] = ("minilm", "tfidf", "tfidf-lr")
 INCUMBENT = "minilm"
-_CHALLENGER = "tfidf"
 
 #: How the model card names each candidate.
 _NAMES = {"minilm": "MiniLM sentence embeddings (negation pooling)",
-          "tfidf": "negation-marked TF-IDF + SVD (mean pooling)"}
+          "tfidf": "negation-marked TF-IDF + SVD (mean pooling)",
+          "tfidf-lr": "negation-marked TF-IDF + logistic-regression sentence scores "
+                      "(negation pooling, out-of-fold on the training rows)"}
+_SHORT = {"minilm": "MiniLM", "tfidf": "TF-IDF", "tfidf-lr": "TF-IDF-LR"}
 
 
 def _clustered_z(diff: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
@@ -93,8 +103,8 @@ class NoteLearner(BaseEstimator):  # type: ignore[misc]
 
     Parameters
     ----------
-    learner : {"auto", "minilm", "tfidf"}, default="auto"
-        "auto": inner CV decides (see the module docstring); "minilm"/"tfidf" force it.
+    learner : {"auto", "minilm", "tfidf", "tfidf-lr"}, default="auto"
+        "auto": inner CV decides (see the module docstring); a candidate's name forces it.
     folds : int, default=5
         Inner folds (fewer when the rows have fewer patients of a class).
     random_state : int, default=0
@@ -106,10 +116,12 @@ class NoteLearner(BaseEstimator):  # type: ignore[misc]
     Attributes
     ----------
     learner_ : str
-        "minilm" or "tfidf".
+        "minilm", "tfidf" or "tfidf-lr".
     record_ : dict
-        The choice: requested, rule, folds, per-fold log-loss of each candidate, their
-        means, the paired improvement and its z, reason (when no CV ran), seconds.
+        The choice: requested, rule, incumbent, folds, per-fold log-loss of each
+        candidate, their means, each challenger's paired improvement and z
+        (``improvement_by``, ``z_by``; ``improvement`` and ``z`` are the chosen
+        challenger's, else the best challenger's), reason (when no CV ran), seconds.
     oof_logit_ : dict of str to ndarray
         Each candidate's out-of-fold note-head logit of the fitted rows (empty when no
         CV ran).
@@ -132,7 +144,8 @@ class NoteLearner(BaseEstimator):  # type: ignore[misc]
         ----------
         candidates : mapping of str to ndarray of shape (n, d_c)
             Each candidate's pooled note vectors of the same n training rows (rows with
-            a note). A forced choice needs none; "auto" scores both when both are given.
+            a note). A forced choice needs none; "auto" scores every one given (two at
+            least), the incumbent "minilm" when given, else the first given.
         y : ndarray of shape (n,)
         groups : ndarray of shape (n,)
             Patient ids: inner folds never split a patient.
@@ -156,11 +169,16 @@ class NoteLearner(BaseEstimator):  # type: ignore[misc]
         if len(groups) != len(y):
             raise ValueError(f"groups has {len(groups)} rows, y has {len(y)}")
         self.oof_logit_: dict[str, np.ndarray] = {}
+        given = [c for c in CANDIDATES if c in X]
+        incumbent = INCUMBENT if INCUMBENT in X or not given else given[0]
+        challengers = [c for c in given if c != incumbent]
         record: dict[str, Any] = {
-            "requested": self.learner, "metric": "log_loss", "incumbent": INCUMBENT,
-            "rule": f"tfidf when the note head's inner out-of-fold log-loss on it is lower "
-                    f"than on minilm by z > {self._z_threshold:g} patient-clustered standard "
-                    "errors of the paired per-row difference; else minilm",
+            "requested": self.learner, "metric": "log_loss", "incumbent": incumbent,
+            "rule": f"a challenger ({', '.join(challengers) or 'none'}) replaces {incumbent} "
+                    f"when the note head's inner out-of-fold log-loss on it is lower by "
+                    f"z > {self._z_threshold:g} patient-clustered standard errors of the "
+                    "paired per-row difference (of several, the lowest log-loss); else "
+                    f"{incumbent}",
             "random_state": int(self.random_state), "n_rows": len(y),
             "n_patients": len(set(groups.tolist()))}
         if unavailable:
@@ -175,40 +193,47 @@ class NoteLearner(BaseEstimator):  # type: ignore[misc]
 
         if self.learner != "auto":
             return done(self.learner, "set by the configuration")
-        missing = [c for c in CANDIDATES if c not in X]
-        if missing:
-            chosen = next(c for c in CANDIDATES if c in X) if len(missing) == 1 else INCUMBENT
-            why = "; ".join(f"{c}: {(unavailable or {}).get(c, 'not given')}" for c in missing)
+        if len(given) < 2:
+            chosen = given[0] if given else INCUMBENT
+            missing = [c for c in CANDIDATES if c not in X]
+            told = [c for c in missing if c in (unavailable or {})] or missing
+            why = "; ".join(f"{c}: {(unavailable or {}).get(c, 'not given')}" for c in told)
             return done(chosen, f"only {chosen} could be scored ({why})")
         k = int(min(self.folds, *(len(set(groups[y == c].tolist())) for c in (0, 1))))
         if k < 2:
             log.warning("note learner: too few patients per class for inner CV; %s is used",
-                        INCUMBENT)
-            return done(INCUMBENT, "too few patients of a class for inner CV")
-        oof = {c: np.zeros(len(y)) for c in CANDIDATES}
+                        incumbent)
+            return done(incumbent, "too few patients of a class for inner CV")
+        oof = {c: np.zeros(len(y)) for c in given}
         per_fold = []
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=self.random_state)
         for f, (tr, te) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
             fit, stop = _inner_split(y[tr], groups[tr], self.random_state + 1 + f)
             fit, stop = tr[fit], tr[stop]
-            for c in CANDIDATES:
+            for c in given:
                 oof[c][te] = self._fit_head(X[c], y, fit, stop).predict_logit(
                     {"note": X[c][te]}, calibrated=False)
             per_fold.append({"fold": f, "n_rows": len(te),
                              "n_patients": len(set(groups[te].tolist())),
                              **{c: float(_log_loss_rows(y[te], oof[c][te]).mean())
-                                for c in CANDIDATES}})
-        loss = {c: _log_loss_rows(y, oof[c]) for c in CANDIDATES}
-        improvement, z = _clustered_z(loss[INCUMBENT] - loss[_CHALLENGER], groups)
-        self.learner_ = _CHALLENGER if z > self._z_threshold else INCUMBENT
+                                for c in given}})
+        loss = {c: _log_loss_rows(y, oof[c]) for c in given}
+        paired = {c: _clustered_z(loss[incumbent] - loss[c], groups) for c in challengers}
+        passing = [c for c in challengers if paired[c][1] > self._z_threshold]
+        self.learner_ = (min(passing, key=lambda c: float(loss[c].mean())) if passing
+                         else incumbent)
+        shown = self.learner_ if passing else max(challengers, key=lambda c: paired[c][1])
         self.oof_logit_ = oof
         self.record_ = {**record, "learner": self.learner_, "auto_choice": self.learner_,
                         "folds": k, "per_fold": per_fold,
-                        **{c: float(loss[c].mean()) for c in CANDIDATES},
-                        "improvement": improvement, "z": z,
+                        **{c: float(loss[c].mean()) for c in given},
+                        "improvement": paired[shown][0], "z": paired[shown][1],
+                        "improvement_by": {c: paired[c][0] for c in challengers},
+                        "z_by": {c: paired[c][1] for c in challengers},
                         "seconds": round(time.perf_counter() - started, 2)}
-        log.info("note learner: %s (inner %d-fold note-head log-loss: minilm %.4f, tfidf %.4f, "
-                 "z %.2f)", self.learner_, k, self.record_["minilm"], self.record_["tfidf"], z)
+        log.info("note learner: %s (inner %d-fold note-head log-loss: %s; z: %s)",
+                 self.learner_, k, ", ".join(f"{c} {self.record_[c]:.4f}" for c in given),
+                 ", ".join(f"{c} {paired[c][1]:.2f}" for c in challengers))
         return self
 
     def _fit_head(self, X: np.ndarray, y: np.ndarray, fit: np.ndarray, stop: np.ndarray
@@ -228,6 +253,19 @@ def describe_choice(record: Mapping[str, Any] | None) -> str:
     name = _NAMES.get(str(record.get("learner")), str(record.get("learner")))
     if record.get("folds") is None:
         return f"Notes: {name} ({record.get('reason') or 'set by the configuration'})."
+    scored = [c for c in CANDIDATES if c in record]
+    if scored != ["minilm", "tfidf"]:
+        inc = str(record.get("incumbent", scored[0] if scored else INCUMBENT))
+        losses = ", ".join(f"{_SHORT.get(c, c)} {record[c]:.4f}" for c in scored)
+        zs = ", ".join(f"{_SHORT.get(c, c)} {z:.2f}"
+                       for c, z in (record.get("z_by") or {}).items())
+        fold_text = ", ".join("/".join(f"{f[c]:.3f}" for c in scored)
+                              for f in record.get("per_fold", []))
+        return (f"Notes: {name}, chosen by patient-grouped inner {record['folds']}-fold "
+                f"cross-validation of the note head on the training split's notes: "
+                f"out-of-fold log-loss {losses} (z against {_SHORT.get(inc, inc)}: {zs}; a "
+                f"challenger needs z > 1, the lowest log-loss of those that pass wins; per "
+                f"fold {'/'.join(_SHORT.get(c, c) for c in scored)}: {fold_text}).")
     fold_text = ", ".join(f"{f['minilm']:.3f}/{f['tfidf']:.3f}"
                           for f in record.get("per_fold", []))
     return (f"Notes: {name}, chosen by patient-grouped inner {record['folds']}-fold "

@@ -26,6 +26,7 @@ from models.artifact import Artifact, ArtifactError, load_artifact
 from models.fusion import MODALITIES, FusionRiskModel
 from models.image_encoder import ImageEncoder
 from models.note_encoder import TfidfNoteEncoder, load_note_encoder
+from models.note_scorer import TfidfLrNoteScorer
 from models.tabular import TabularPreprocessor
 from models.tabular_learner import TabularLearner
 from pipelines.imaging.preprocess import PreprocessConfig
@@ -97,6 +98,15 @@ class LoadedModel:
                     "vocabulary": np.array(vocab["vocabulary"], dtype=str),
                     "idf": t["note_encoder"]["idf"].numpy(),
                     "components": t["note_encoder"]["components"].numpy(),
+                    "fingerprint": np.array(vocab["fingerprint"])})
+            elif cfg.get("note_encoder_kind") == "tfidf-lr":
+                vocab = artifact.documents["note_vocabulary"]
+                self.note_encoder = TfidfLrNoteScorer.from_state({
+                    "params": np.array(vocab["params"]),
+                    "vocabulary": np.array(vocab["vocabulary"], dtype=str),
+                    "idf": t["note_encoder"]["idf"].numpy(),
+                    "coef": t["note_encoder"]["coef"].numpy(),
+                    "intercept": t["note_encoder"]["intercept"].numpy(),
                     "fingerprint": np.array(vocab["fingerprint"])})
             else:
                 self.note_encoder = load_note_encoder("minilm", strict=True)

@@ -61,6 +61,7 @@ from models.fusion import MODALITIES, Branch, FusionRiskModel
 from models.fusion_simplify import compare_fusion_heads
 from models.image_encoder import ImageEncoder
 from models.note_encoder import NoteEncoderUnavailableError, TfidfNoteEncoder
+from models.note_scorer import TfidfLrNoteScorer
 from models.privacy import PatientOverlapError, hashed_ids, new_salt
 from models.tabular import TabularPreprocessor
 from models.tabular_learner import TabularLearner
@@ -167,9 +168,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     # log-loss on the training split; "linear" or "gbm" force one.
     "tabular": {"learner": "auto", "inner_folds": 5},
     # The notes learner (models.note_learner): "auto" keeps MiniLM sentence embeddings
-    # unless negation-marked TF-IDF + SVD gives the note head a lower inner out-of-fold
+    # unless negation-marked TF-IDF + SVD or the tfidf-lr sentence scorer (supervised,
+    # out-of-fold on the training rows) gives the note head a lower inner out-of-fold
     # log-loss by z > 1 patient-clustered SEs (patient-grouped inner CV on the training
-    # split; encoders fitted once, without labels); "minilm" or "tfidf" force one.
+    # split; the best passing one); "minilm", "tfidf" or "tfidf-lr" force one.
     # pooling "auto": negation pooling for sentence encoders (MiniLM barely tells
     # "Denies chills." from "Endorses chills."), mean for TF-IDF, whose marked n-grams
     # ("neg_chills") already carry the negation.
@@ -372,6 +374,8 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         except ValueError as exc:
             raise TrainingError(f"notes: {exc}") from None
         note_encoder, note_pooling = note_choice.encoder, note_choice.pooling
+        # With tfidf-lr, the training rows' note input is already out-of-fold
+        # (note_choice.oof_rows), as the EHR input is with boosted trees.
         X["note"], note_present = note_choice.X, note_choice.present
 
     # Images: stage 1.
@@ -484,6 +488,7 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         "note_encoder": note_encoder.name if note_encoder is not None and "note" in
         present_mods else None,
         "note_encoder_kind": ("tfidf" if isinstance(note_encoder, TfidfNoteEncoder)
+                              else "tfidf-lr" if isinstance(note_encoder, TfidfLrNoteScorer)
                               else "minilm" if note_encoder is not None else None),
         "note_pooling": note_pooling,
         "sensitive_columns": list(manifest.sensitive),
@@ -523,6 +528,14 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         documents["note_vocabulary"] = {"params": str(tfidf["params"][()]),
                                         "vocabulary": [str(t) for t in tfidf["vocabulary"]],
                                         "fingerprint": str(tfidf["fingerprint"][()])}
+    if isinstance(note_encoder, TfidfLrNoteScorer) and "note" in present_mods:
+        scorer = note_encoder.get_state()
+        tensors["note_encoder"] = {
+            "idf": torch.as_tensor(scorer["idf"]), "coef": torch.as_tensor(scorer["coef"]),
+            "intercept": torch.as_tensor(scorer["intercept"]).reshape(1)}
+        documents["note_vocabulary"] = {"params": str(scorer["params"][()]),
+                                        "vocabulary": [str(t) for t in scorer["vocabulary"]],
+                                        "fingerprint": str(scorer["fingerprint"][()])}
     path = save_artifact(out_dir, config=_plain(model_config), tensors=tensors,
                          documents=documents, signing_key=key)
     log.info("wrote artifact %s in %.1f s", path, time.perf_counter() - started)

@@ -43,7 +43,7 @@ def test_auto_picks_tfidf_when_the_label_sits_in_a_rare_phrase_minilm_blurs() ->
     assert len(rec["per_fold"]) == 3 and sum(f["n_rows"] for f in rec["per_fold"]) == 300
     assert rec["n_rows"] == 300 and rec["n_patients"] == 150 and rec["seconds"] >= 0
     # Out-of-fold logits of every row, for each candidate.
-    assert set(learner.oof_logit_) == set(CANDIDATES)
+    assert set(learner.oof_logit_) == set(CANDIDATES) - {"tfidf-lr"}
     assert all(v.shape == (300,) for v in learner.oof_logit_.values())
     # Inner folds never split a patient: both notes of a patient are in one fold, so
     # the per-fold patient counts add up to the patients.
@@ -123,3 +123,34 @@ def test_model_card_sentence_names_the_choice_and_both_log_losses() -> None:
         "(z = 2.35; TF-IDF needs z > 1; per fold MiniLM/TF-IDF: 0.600/0.550, 0.620/0.560, "
         "0.617/0.567).")
     assert describe_choice(None) == "Notes: no note-learner choice recorded."
+
+
+def test_three_candidates_the_best_challenger_that_passes_wins() -> None:
+    X, y, groups = _corpus(150, 0)
+    rng = np.random.default_rng(5)
+    # "tfidf-lr": the phrase's score, with less filler noise than "tfidf" (4 columns).
+    score = np.column_stack([X["tfidf"][:, 0] * 3.0, rng.normal(size=len(y)) * 0.01,
+                             np.full(len(y), 4.0), np.zeros(len(y))]).astype(np.float32)
+    three = {**X, "tfidf-lr": score}
+    learner = NoteLearner(folds=3, random_state=0, head_params=HEAD).fit(three, y, groups)
+    rec = learner.record_
+    assert rec["incumbent"] == "minilm" and set(rec["z_by"]) == {"tfidf", "tfidf-lr"}
+    assert all(z > 1 for z in rec["z_by"].values())
+    best = min(("tfidf", "tfidf-lr"), key=lambda c: rec[c])
+    assert learner.learner_ == best and rec["z"] == rec["z_by"][best]
+    assert set(learner.oof_logit_) == set(CANDIDATES)
+    # A challenger that does not pass loses even when another passes: make tfidf-lr noise.
+    noise = {**X, "tfidf-lr": rng.normal(size=(len(y), 4)).astype(np.float32)}
+    rec2 = NoteLearner(folds=3, random_state=0, head_params=HEAD).fit(noise, y, groups).record_
+    assert rec2["learner"] == "tfidf" and rec2["z_by"]["tfidf-lr"] <= 1 < rec2["z_by"]["tfidf"]
+    # Without MiniLM, TF-IDF is the incumbent of the other two.
+    rec3 = NoteLearner(folds=3, random_state=0, head_params=HEAD).fit(
+        {"tfidf": X["tfidf"], "tfidf-lr": noise["tfidf-lr"]}, y, groups).record_
+    assert rec3["incumbent"] == "tfidf" and rec3["learner"] == "tfidf"
+    assert list(rec3["z_by"]) == ["tfidf-lr"] and rec3["z_by"]["tfidf-lr"] < 0
+    text = describe_choice({**rec, "learner": "tfidf-lr"})
+    assert text.startswith("Notes: negation-marked TF-IDF + logistic-regression sentence "
+                           "scores (negation pooling, out-of-fold on the training rows), "
+                           "chosen by patient-grouped inner 3-fold")
+    assert f"out-of-fold log-loss MiniLM {rec['minilm']:.4f}, TF-IDF {rec['tfidf']:.4f}, " \
+        f"TF-IDF-LR {rec['tfidf-lr']:.4f} (z against MiniLM: TF-IDF " in text

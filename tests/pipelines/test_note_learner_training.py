@@ -21,6 +21,7 @@ import pytest
 import pipelines.note_choice as note_choice
 from models.model_card import build_model_card, render_markdown
 from models.note_encoder import TfidfNoteEncoder
+from models.note_scorer import TfidfLrNoteScorer
 from pipelines.explain import Explainer
 from pipelines.manifest import read_manifest
 from pipelines.note_choice import choose_notes
@@ -60,13 +61,18 @@ def test_auto_choice_with_the_real_encoders(informative: bool, expected: str) ->
     rec = choice.record
     assert choice.learner.learner_ == expected and rec["learner"] == expected
     assert rec["folds"] == 3 and rec["n_rows"] == 159 and not choice.present[5]
-    if informative:  # measured: minilm 0.469, tfidf 0.430, z 1.78
-        assert rec["tfidf"] < rec["minilm"] and rec["z"] > 1
+    # All three candidates scored against the incumbent; tfidf-lr's training-row
+    # vectors are out-of-fold (4 columns: summed affirmed/negated scores, counts).
+    assert set(rec["z_by"]) == {"tfidf", "tfidf-lr"} and rec["incumbent"] == "minilm"
+    assert len(choice.oof_rows) == 0  # only tfidf-lr keeps out-of-fold training rows
+    if informative:  # measured: minilm 0.427, tfidf 0.408 (z 1.38), tfidf-lr 0.428 (z -0.02)
+        assert rec["tfidf"] < rec["minilm"] and rec["z"] == rec["z_by"]["tfidf"] > 1
+        assert rec["z_by"]["tfidf-lr"] <= 1
         assert isinstance(choice.encoder, TfidfNoteEncoder) and choice.encoder.negation_marks
         assert choice.pooling == "mean" and choice.X.shape == (160, choice.encoder.dim)
         assert rec["encoder"].startswith("tfidf-neg-svd384-")
-    else:  # measured: minilm 0.699, tfidf 0.691, z 0.54
-        assert rec["z"] <= 1
+    else:  # measured: minilm 0.665, tfidf 0.668 (z -0.42), tfidf-lr 0.671 (z -0.68)
+        assert rec["z"] <= 1 and all(z <= 1 for z in rec["z_by"].values())
         assert choice.pooling == "negation" and choice.X.shape == (160, 2 * 384 + 2)
         assert rec["encoder"].startswith("sentence-transformers/all-MiniLM-L6-v2@")
 
@@ -76,14 +82,21 @@ def test_minilm_missing_means_tfidf_with_the_reason(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(note_choice, "load_note_encoder", lambda name: TfidfNoteEncoder())
     notes, y = _notes(40, 1, True)
     rows = np.arange(40)
-    for requested in ("auto", "minilm"):
-        choice = choose_notes(notes, y, rows, rows, notes_cfg={"encoder": requested},
-                              head_params=HEAD, random_state=0, cache_dir=None)
-        assert choice.learner.learner_ == "tfidf" and choice.record["folds"] is None
-        assert choice.record["requested"] == requested
-        assert choice.record["reason"] == ("the MiniLM note encoder is not installed; TF-IDF "
-                                           "is the only candidate")
-        assert isinstance(choice.encoder, TfidfNoteEncoder) and choice.encoder.negation_marks
+    choice = choose_notes(notes, y, rows, rows, notes_cfg={"encoder": "minilm"},
+                          head_params=HEAD, random_state=0, cache_dir=None)
+    assert choice.learner.learner_ == "tfidf" and choice.record["folds"] is None
+    assert choice.record["requested"] == "minilm"
+    assert choice.record["reason"] == ("the MiniLM note encoder is not installed; TF-IDF "
+                                       "is the only candidate")
+    assert isinstance(choice.encoder, TfidfNoteEncoder) and choice.encoder.negation_marks
+    # "auto" without MiniLM: TF-IDF is the incumbent, tfidf-lr its challenger.
+    auto = choose_notes(notes, y, rows, rows, notes_cfg={"encoder": "auto", "inner_folds": 3},
+                        head_params=HEAD, random_state=0, cache_dir=None)
+    rec = auto.record
+    assert rec["requested"] == "auto" and rec["incumbent"] == "tfidf" and rec["folds"] == 3
+    assert rec["unavailable"] == {"minilm": "the MiniLM note encoder is not installed"}
+    assert list(rec["z_by"]) == ["tfidf-lr"] and "minilm" not in rec
+    assert rec["learner"] == ("tfidf-lr" if rec["z_by"]["tfidf-lr"] > 1 else "tfidf")
 
 
 def _write(out: Path, n: int = 240, seed: int = 0) -> Path:
@@ -183,3 +196,88 @@ def test_unknown_note_encoder_is_a_training_error(trained: dict[str, Path],
         train(trained["manifest"], tmp_path / "model",
               config={**CONFIG, "notes": {"encoder": "bert"}}, cache_dir=tmp_path / "c",
               warn_small=False)
+
+
+# ------------------------------------------------------------------ tfidf-lr end to end
+
+
+@pytest.fixture(scope="module")
+def trained_lr(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("note_scorer")
+    manifest = _write(root / "cohort")
+    model = train(manifest, root / "model",
+                  config={**CONFIG, "notes": {"encoder": "tfidf-lr", "inner_folds": 3}},
+                  cache_dir=root / "cache", warn_small=False)
+    return {"root": root, "model": model, "manifest": manifest,
+            "key": root / "model.key.pub"}
+
+
+def test_tfidf_lr_trains_on_out_of_fold_scores_and_scores_from_the_artifact(
+        trained_lr: dict[str, Path]) -> None:
+    m = load_model(trained_lr["model"], trusted_keys=[trained_lr["key"]], device="cpu")
+    rec = m.config["note_learner"]
+    assert rec["learner"] == "tfidf-lr" and rec["folds"] is None and rec["pooling"] == "negation"
+    assert rec["training_rows_input"].startswith("out-of-fold sentence scores (3 "
+                                                 "patient-grouped folds, C = ")
+    assert m.config["note_encoder_kind"] == "tfidf-lr" and m.config["note_pooling"] == "negation"
+    assert isinstance(m.note_encoder, TfidfLrNoteScorer)
+    assert m.note_encoder.name == m.config["note_encoder"] == rec["encoder"]
+    assert m.note_encoder.name.startswith("tfidf-lr-")
+    # The rebuilt scorer: chest pain raises the score; the negated fever has its own terms.
+    vocab = set(m.note_encoder.vectorizer_.vocabulary_)
+    assert {"neg_denies neg_fever", "chest pain"} <= vocab and "denies fever" not in vocab
+    pain, fever = m.note_encoder.encode(["Reports chest pain.", "Denies fever."])[:, 0]
+    assert pain > 0.5 and fever > 0  # both come with events in this toy
+    manifest = read_manifest(trained_lr["manifest"])
+    inputs = m.inputs(manifest, trained_lr["root"] / "cache")
+    assert inputs.X["note"].shape == (240, 4) and inputs.available[:, 2].all()
+    # Scoring uses the full-fit scorer: its note logit is the sum of sentence scores.
+    from pipelines.notes import NoteEmbedder
+
+    e = NoteEmbedder(m.note_encoder).embed(manifest.notes()[0] or "")
+    np.testing.assert_allclose(inputs.X["note"][0], e.pool_negation(), atol=1e-5)
+    assert inputs.X["note"][0][:2].sum() + m.note_encoder.intercept_ == pytest.approx(
+        float(m.note_encoder.decision_function([e.sentences])[0]), abs=1e-4)
+
+
+def test_tfidf_lr_training_rows_get_out_of_fold_vectors() -> None:
+    notes, y = _notes(60, 2, True)
+    rows = np.arange(60)
+    train_rows = rows[:40]
+    choice = choose_notes(notes, y, rows // 2, train_rows,
+                          notes_cfg={"encoder": "tfidf-lr", "inner_folds": 3},
+                          head_params=HEAD, random_state=0, cache_dir=None)
+    scorer = choice.encoder
+    assert isinstance(scorer, TfidfLrNoteScorer) and choice.X.shape == (60, 4)
+    np.testing.assert_array_equal(choice.oof_rows, train_rows)
+    from pipelines.notes import NoteEmbedder
+
+    full = [NoteEmbedder(scorer).embed(notes[i] or "").pool_negation() for i in rows]
+    # Training rows: out-of-fold scores (differ from the full fit's); the others: full fit.
+    assert np.abs(choice.X[:40, :2] - np.stack(full[:40])[:, :2]).max() > 0.05
+    np.testing.assert_allclose(choice.X[40:], np.stack(full[40:]), atol=1e-5)
+    np.testing.assert_array_equal(choice.X[:40, 2:], np.stack(full[:40])[:, 2:])  # counts
+
+
+def test_tfidf_lr_explanations_never_show_a_negated_sentence_raising_risk(
+        trained_lr: dict[str, Path]) -> None:
+    m = load_model(trained_lr["model"], trusted_keys=[trained_lr["key"]], device="cpu")
+    manifest = read_manifest(trained_lr["manifest"])
+    explainer = Explainer(m, trained_lr["root"] / "cache")
+    rows = [i for i, n in enumerate(manifest.notes()) if n and "Denies fever." in n][:4]
+    assert len(rows) == 4
+    suppressed = 0
+    for row in rows:
+        doc = explainer.explain_row(manifest, row)["notes"]
+        assert doc is not None and doc["pooling"] == "negation"
+        assert not any(h["negated"] and h["logit"] > 0 for h in doc["highlights"])
+        negated = [s for s in doc["sentences"] if s["sentence"] == "Denies fever."]
+        assert len(negated) == 1 and negated[0]["negated"]
+        if negated[0]["logit"] > 0:
+            suppressed += 1
+            assert "Denies fever." not in [h["sentence"] for h in doc["highlights"]]
+    assert suppressed == 4
+    card = render_markdown(build_model_card(m.artifact))
+    assert ("- **Note learner:** Notes: negation-marked TF-IDF + logistic-regression sentence "
+            "scores (negation pooling, out-of-fold on the training rows) (set by the "
+            "configuration).") in card
