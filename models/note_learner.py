@@ -32,17 +32,18 @@ Rule: the incumbent stays unless a challenger's out-of-fold log-loss is lower by
 more than one patient-clustered standard error of the paired per-row difference
 (``z > 1``); of several challengers that pass, the one with the lowest log-loss.
 Too few patients of a class for two inner folds: the incumbent, with
-the reason recorded. ``learner="minilm"`` or ``"tfidf"`` forces a candidate and
-skips the CV. When MiniLM is not installed, "auto" means TF-IDF and the record
-says why (:func:`models.note_encoder.load_note_encoder`'s fallback semantics:
-under ``CI=true`` that is an error before this module is reached).
+the reason recorded. ``learner="minilm"``, ``"tfidf"`` or ``"tfidf-lr"`` forces a
+candidate and skips the CV. When MiniLM is not installed, "auto" compares TF-IDF
+(the incumbent then) with tfidf-lr and the record says why
+(:func:`models.note_encoder.load_note_encoder`'s fallback semantics: under
+``CI=true`` that is an error before this module is reached).
 
 This module sees only matrices: :meth:`NoteLearner.fit` takes each candidate's
 pooled vectors, so the choice is testable without encoders. Embedding the notes
 both ways is :func:`pipelines.note_choice.choose_notes`. The choice is recorded in
 the artifact config (``note_learner``) and the model card (:func:`describe_choice`).
 
-Cost: two note heads per inner fold, on pooled vectors (a few seconds on a
+Cost: one note head per candidate per inner fold, on pooled vectors (a few seconds on a
 few-hundred-patient training split), plus embedding the training notes with both
 encoders (MiniLM's sentence vectors are cached on disk and reused for the chosen
 one). Measured numbers: ``docs/note-learner.md``.
