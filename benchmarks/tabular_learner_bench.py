@@ -52,8 +52,9 @@ def _log_loss(y: np.ndarray, z: np.ndarray) -> float:
 
 
 def run(quick: bool = False, world: str = "hard") -> dict[str, Any]:
+    from models.inner_cv import inner_split
     from models.tabular import TabularPreprocessor
-    from models.tabular_learner import TabularLearner, _inner_split
+    from models.tabular_learner import TabularLearner
 
     n_train, n_eval = (600, 1500) if quick else (2000, 5000)
     seeds = [(0, 1)] if quick else [(0, 1), (2, 3), (4, 5)]
@@ -66,7 +67,7 @@ def run(quick: bool = False, world: str = "hard") -> dict[str, Any]:
         Z, Ze = scaler.transform(X).astype(float), scaler.transform(Xe).astype(float)
         learner = TabularLearner(folds=5, random_state=s_train).fit(Z, y, pid)
         chose = time.perf_counter() - t0
-        fit, stop = _inner_split(y, pid, s_train)
+        fit, stop = inner_split(y, pid, s_train)
         linear = learner._fit_linear(Z, y, fit, stop).predict_logit(
             {"ehr": Ze.astype(np.float32)}, calibrated=False)
         trees = (learner.ensemble_ if learner.ensemble_ is not None else

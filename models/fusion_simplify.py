@@ -43,7 +43,7 @@ from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
 
 from models.fusion import FusionRiskModel
-from models.tabular_learner import _inner_split, _log_loss_rows
+from models.inner_cv import clustered_se, inner_split, log_loss_rows
 
 __all__ = ["Z_THRESHOLD", "compare_fusion_heads", "describe_comparison"]
 
@@ -89,15 +89,6 @@ def _candidates(modalities: Sequence[str], hidden: int, image_in_sample: bool = 
         c["name"] = (candidate_name(c["modalities"]) + (" (linear head)" if c["key"] ==
                                                           "linear" else ""))
     return out
-
-
-def _clustered_se(diff: np.ndarray, groups: np.ndarray) -> float:
-    """Standard error of ``diff.mean()`` with rows clustered by patient."""
-    _, inv = np.unique(groups, return_inverse=True)
-    by_patient = np.bincount(inv, weights=diff)
-    if len(by_patient) < 2:
-        return float("inf")
-    return float(np.sqrt(len(by_patient)) * by_patient.std(ddof=1)) / len(diff)
 
 
 def compare_fusion_heads(make: HeadFactory, X: Mapping[str, np.ndarray], y: np.ndarray,
@@ -147,7 +138,7 @@ def compare_fusion_heads(make: HeadFactory, X: Mapping[str, np.ndarray], y: np.n
     base = np.zeros(len(y))
     splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=random_state)
     for f, (tr, te) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
-        fit, stop = _inner_split(y[tr], groups[tr], random_state + 1 + f)
+        fit, stop = inner_split(y[tr], groups[tr], random_state + 1 + f)
         fit, stop = tr[fit], tr[stop]
         for c, cand in enumerate(cands):
             cols = [list(modalities).index(m) for m in cand["modalities"]]
@@ -160,15 +151,15 @@ def compare_fusion_heads(make: HeadFactory, X: Mapping[str, np.ndarray], y: np.n
                                             mask[te][:, cols], calibrated=False)
         rate = float(np.clip(y[tr].mean(), 1e-6, 1 - 1e-6))
         base[te] = np.log(rate / (1.0 - rate))
-    losses = np.stack([_log_loss_rows(y, oof[c]) for c in range(len(cands))])
-    base_loss = _log_loss_rows(y, base)
+    losses = np.stack([log_loss_rows(y, oof[c]) for c in range(len(cands))])
+    base_loss = log_loss_rows(y, base)
     rows = []
     for c, cand in enumerate(cands):
         diff = losses[0] - losses[c]  # > 0: the candidate is ahead of the full fusion
-        se = _clustered_se(diff, groups) if c else 0.0
+        se = clustered_se(diff, groups) if c else 0.0
         z = float(diff.mean() / se) if c and se > 0 else 0.0
         gain = base_loss - losses[c]  # > 0: the candidate is ahead of the base rate
-        se_base = _clustered_se(gain, groups)
+        se_base = clustered_se(gain, groups)
         rows.append({"key": cand["key"], "name": cand["name"],
                      "modalities": cand["modalities"], "hidden": int(cand["hidden"]),
                      "log_loss": float(losses[c].mean()),

@@ -69,7 +69,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import StratifiedGroupKFold
 
-from models.tabular_learner import _inner_split, _log_loss_rows
+from models.inner_cv import clustered_se, inner_split, log_loss_rows
 
 __all__ = ["CANDIDATES", "INCUMBENT", "LEARNERS", "NoteLearner", "describe_choice"]
 
@@ -91,11 +91,7 @@ _SHORT = {"minilm": "MiniLM", "tfidf": "TF-IDF", "tfidf-lr": "TF-IDF-LR"}
 
 def _clustered_z(diff: np.ndarray, groups: np.ndarray) -> tuple[float, float]:
     """(mean, z) of a per-row difference, its SE clustered by patient."""
-    _, inv = np.unique(groups, return_inverse=True)
-    by_patient = np.bincount(inv, weights=diff)
-    se = (float(np.sqrt(len(by_patient)) * by_patient.std(ddof=1)) / len(diff)
-          if len(by_patient) > 1 else float("inf"))
-    mean = float(diff.mean())
+    mean, se = float(diff.mean()), clustered_se(diff, groups)
     return mean, (mean / se if se > 0 else 0.0)
 
 
@@ -209,16 +205,16 @@ class NoteLearner(BaseEstimator):  # type: ignore[misc]
         per_fold = []
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=self.random_state)
         for f, (tr, te) in enumerate(splitter.split(np.zeros(len(y)), y, groups)):
-            fit, stop = _inner_split(y[tr], groups[tr], self.random_state + 1 + f)
+            fit, stop = inner_split(y[tr], groups[tr], self.random_state + 1 + f)
             fit, stop = tr[fit], tr[stop]
             for c in given:
                 oof[c][te] = self._fit_head(X[c], y, fit, stop).predict_logit(
                     {"note": X[c][te]}, calibrated=False)
             per_fold.append({"fold": f, "n_rows": len(te),
                              "n_patients": len(set(groups[te].tolist())),
-                             **{c: float(_log_loss_rows(y[te], oof[c][te]).mean())
+                             **{c: float(log_loss_rows(y[te], oof[c][te]).mean())
                                 for c in given}})
-        loss = {c: _log_loss_rows(y, oof[c]) for c in given}
+        loss = {c: log_loss_rows(y, oof[c]) for c in given}
         paired = {c: _clustered_z(loss[incumbent] - loss[c], groups) for c in challengers}
         passing = [c for c in challengers if paired[c][1] > self._z_threshold]
         self.learner_ = (min(passing, key=lambda c: float(loss[c].mean())) if passing

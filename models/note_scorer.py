@@ -44,6 +44,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
+from models.inner_cv import log_loss_rows
 from models.note_encoder import (
     _WORD,
     MINILM_MAX_TOKENS,
@@ -53,11 +54,6 @@ from models.note_encoder import (
 )
 
 __all__ = ["TfidfLrNoteScorer"]
-
-
-def _log_loss(y: np.ndarray, logit: np.ndarray) -> float:
-    """Mean log-loss of logits (stable)."""
-    return float(np.mean(np.logaddexp(0.0, logit) - y * logit))
 
 
 class TfidfLrNoteScorer(BaseEstimator):  # type: ignore[misc]
@@ -201,7 +197,7 @@ class TfidfLrNoteScorer(BaseEstimator):  # type: ignore[misc]
                 lr = self._lr(C).fit(notes[tr], y[tr])
                 oof[te] = lr.decision_function(notes[te])
                 fits[C].append(lr)
-            losses[C] = _log_loss(y, oof)
+            losses[C] = float(log_loss_rows(y, oof).mean())
         best = min(losses, key=lambda c: (losses[c], c))
         final = self._lr(best).fit(notes, y)
         self.model_ = final

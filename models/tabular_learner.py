@@ -56,6 +56,8 @@ from sklearn.model_selection import StratifiedGroupKFold
 from sklearn.utils.validation import check_is_fitted
 from threadpoolctl import threadpool_limits
 
+from models.inner_cv import clustered_se, inner_split, log_loss_rows
+
 __all__ = ["GBM_PARAMS", "LEARNERS", "TabularLearner", "TreeEnsemble", "describe_choice"]
 
 log = logging.getLogger(__name__)
@@ -175,28 +177,6 @@ class TreeEnsemble:
         return cls(arrays, starts, float(tensors["baseline"][0]), int(tensors["n_features"][0]))
 
 
-def _log_loss_rows(y: np.ndarray, logit: np.ndarray) -> np.ndarray:
-    """Per-row log-loss of a logit (numerically stable)."""
-    z = np.asarray(logit, dtype=float)
-    return np.logaddexp(0.0, z) - np.asarray(y, dtype=float) * z
-
-
-def _inner_split(y: np.ndarray, groups: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """A patient-grouped, label-stratified ~80/20 split (fit, stop) of some rows.
-
-    With under two patients of a class there is no such split: every row is then
-    both fitted and used to stop (a degenerate, tiny-cohort case), rather than
-    leaving the fit part with one class.
-    """
-    k = min(5, *(len(set(groups[y == c])) for c in (0, 1)))
-    if k < 2:
-        every = np.arange(len(y))
-        return every, every
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    fit, stop = next(splitter.split(np.zeros(len(y)), y, groups))
-    return fit, stop
-
-
 class TabularLearner(BaseEstimator):
     """Chooses and fits the EHR branch's learner; ``transform`` gives the fusion's EHR input.
 
@@ -267,7 +247,7 @@ class TabularLearner(BaseEstimator):
         per_fold, iters = [], []
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=self.random_state)
         for f, (tr, te) in enumerate(splitter.split(X, y, groups)):
-            fit, stop = _inner_split(y[tr], groups[tr], self.random_state + 1 + f)
+            fit, stop = inner_split(y[tr], groups[tr], self.random_state + 1 + f)
             fit, stop = tr[fit], tr[stop]
             oof["linear"][te] = self._fit_linear(X, y, fit, stop).predict_logit(
                 {"ehr": X[te].astype(np.float32)}, calibrated=False)
@@ -276,13 +256,10 @@ class TabularLearner(BaseEstimator):
             oof["gbm"][te] = trees.decision_function(X[te])
             per_fold.append({"fold": f, "n_rows": len(te), "n_patients": len(set(groups[te])),
                              "gbm_trees": trees.n_trees,
-                             **{c: float(_log_loss_rows(y[te], oof[c][te]).mean())
+                             **{c: float(log_loss_rows(y[te], oof[c][te]).mean())
                                 for c in ("linear", "gbm")}})
-        diff = _log_loss_rows(y, oof["linear"]) - _log_loss_rows(y, oof["gbm"])
-        _, inv = np.unique(groups, return_inverse=True)
-        by_patient = np.bincount(inv, weights=diff)
-        se = float(np.sqrt(len(by_patient)) * by_patient.std(ddof=1)) / len(y) \
-            if len(by_patient) > 1 else float("inf")
+        diff = log_loss_rows(y, oof["linear"]) - log_loss_rows(y, oof["gbm"])
+        se = clustered_se(diff, groups)
         z = float(diff.mean() / se) if se > 0 else 0.0
         auto = "gbm" if z > self._z_threshold else "linear"
         self.learner_ = auto if self.learner == "auto" else self.learner
@@ -292,10 +269,10 @@ class TabularLearner(BaseEstimator):
             self.oof_logit_ = oof["gbm"]
         self.record_ = {**record, "learner": self.learner_, "auto_choice": auto, "folds": k,
                         "per_fold": per_fold,
-                        "linear": float(_log_loss_rows(y, oof["linear"]).mean()),
-                        "gbm": float(_log_loss_rows(y, oof["gbm"]).mean()),
+                        "linear": float(log_loss_rows(y, oof["linear"]).mean()),
+                        "gbm": float(log_loss_rows(y, oof["gbm"]).mean()),
                         "improvement": float(diff.mean()), "z": z, "gbm_trees": n_trees,
-                        "n_rows": len(y), "n_patients": len(by_patient)}
+                        "n_rows": len(y), "n_patients": len(np.unique(groups))}
         log.info("tabular learner: %s (inner %d-fold log-loss: linear %.4f, gbm %.4f, z %.2f)",
                  self.learner_, k, self.record_["linear"], self.record_["gbm"], z)
         return self
@@ -330,7 +307,7 @@ class TabularLearner(BaseEstimator):
             est.fit(X[fit], y[fit])
             if stop is None:
                 return TreeEnsemble.from_hgb(est)
-            losses = [float(_log_loss_rows(y[stop], z).mean())
+            losses = [float(log_loss_rows(y[stop], z).mean())
                       for z in est.staged_decision_function(X[stop])]
         return TreeEnsemble.from_hgb(est, int(np.argmin(losses)) + 1)
 
