@@ -275,3 +275,59 @@ class ModelActivationRow(Base):
     #: switch | rollback
     action: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class OneTimeIdRow(Base):
+    """A used one-time id (assertion ``jti``, authorization code): refused again until expiry.
+
+    The primary key makes the replay check atomic across processes and replicas: a second
+    insert of the same id fails in the database, not in one process's memory.
+    """
+
+    __tablename__ = "one_time_ids"
+
+    #: sha256 of kind and id: fixed length, and a stored row does not hold the id itself.
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # assertion-jti | authorization-code
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class SignInFailureRow(Base):
+    """A failed local sign-in; recent ones throttle the user name and the client address.
+
+    Both are stored as sha256 digests: a password typed into the user name field is not
+    kept in clear (the digest of an address is not anonymous, only fixed-length).
+    """
+
+    __tablename__ = "sign_in_failures"
+    __table_args__ = (
+        Index("ix_sign_in_failures_user_key_at", "user_key", "at"),
+        Index("ix_sign_in_failures_address_key_at", "address_key", "at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_key: Mapped[str] = mapped_column(String(64))
+    address_key: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+
+
+class DashboardSessionRow(Base):
+    """A signed-in dashboard browser: its cookie holds a random id, this row what it may do.
+
+    Logout revokes the row, so a copied cookie stops working; no bearer token is kept.
+    """
+
+    __tablename__ = "dashboard_sessions"
+
+    #: sha256 of the cookie's random id: reading the table gives no usable cookie.
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(256), index=True)
+    role: Mapped[str] = mapped_column(String(32))
+    #: The granted scopes, space-separated, as in the token that opened the session.
+    scopes: Mapped[str] = mapped_column(Text, default="")
+    issuer: Mapped[str | None] = mapped_column(String(512))
+    #: The SMART launch's patient in context, as the token response named it.
+    patient: Mapped[str | None] = mapped_column(String(256))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=_now)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
