@@ -20,6 +20,7 @@ from services.api.routes import audits as audit_routes
 from services.api.routes import auth, dicomweb, fhir_ingest, health, hl7
 from services.api.routes import cds_hooks as cds_hooks_routes
 from services.api.routes import predict as predict_routes
+from services.api.trusted_host import HostCheckMiddleware
 from services.auth.tokens import (
     LocalIssuer,
     TokenVerifier,
@@ -152,6 +153,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     install_openapi(app)
     app.add_middleware(AccessLogMiddleware)
+    # Only the names this service is reached by (CLINFUSE_ALLOWED_HOSTS): URLs built from
+    # the Host header, and DNS rebinding, cannot point elsewhere.
+    app.add_middleware(HostCheckMiddleware, allowed_hosts=settings.trusted_hosts())
     # Added last, so it runs first: every response, errors included, gets an id and a timing.
     app.add_middleware(RequestContextMiddleware)
     app.state.metrics = Metrics(lambda: getattr(app.state, "sessions", None))

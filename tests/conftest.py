@@ -16,6 +16,8 @@ from tests.service_model import SynthModel, build_synth_model
 IN_CI = os.environ.get("CI") == "true"
 # The suite builds hundreds of apps in one process: a frozen heap would keep them all.
 os.environ.setdefault("CLINFUSE_GC_FREEZE_AFTER_WARM_UP", "false")
+# Starlette's TestClient sends "Host: testserver", which no deployment answers to.
+os.environ.setdefault("CLINFUSE_ALLOWED_HOSTS", '["testserver"]')
 
 
 def require_service(name: str, reason: str) -> None:

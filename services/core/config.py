@@ -29,8 +29,19 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Public base URL used in RetrieveURLs; defaults to the request's own.
     public_base_url: str | None = None
-    #: Largest accepted request body (STOW-RS, FHIR, HL7 over HTTP); larger ones get 413.
-    max_upload_bytes: int = 512 * 1024 * 1024
+    #: Largest request body on the upload routes (STOW-RS, POST /fhir, $import, $predict,
+    #: POST /hl7v2); larger ones get 413. Each is held in memory while it is parsed.
+    max_upload_bytes: int = 256 * 1024 * 1024
+    #: Largest request body on every other route, checked before authentication (413).
+    max_request_bytes: int = 1024 * 1024
+    #: Seconds a client has to send a whole request body on ordinary routes (408 after).
+    request_body_timeout_s: float = 30.0
+    #: Seconds a client has to send a whole body on the upload routes (408 after).
+    upload_body_timeout_s: float = 600.0
+    #: Host names (the Host header) the API answers besides loopback, the host of
+    #: public_base_url and a specific bound host; others get 400. "*.example.org" matches
+    #: subdomains; "*" turns the check off.
+    allowed_hosts: list[str] = []
     #: DIMSE C-STORE SCP, started with the service when enabled.
     dicom_scp_enabled: bool = False
     #: AE title of the C-STORE SCP.
@@ -116,6 +127,20 @@ class Settings(BaseSettings):
         if self.tls_certfile is None or self.tls_keyfile is None:
             raise TLSConfigError("set both CLINFUSE_TLS_CERTFILE and CLINFUSE_TLS_KEYFILE")
         return server_context(self.tls_certfile, self.tls_keyfile, self.tls_client_ca_file)
+
+    def trusted_hosts(self) -> list[str]:
+        """Every Host header value the HTTP API answers (TrustedHostMiddleware's list)."""
+        from urllib.parse import urlsplit
+
+        names = ["127.0.0.1", "localhost", "::1"]
+        public = urlsplit(self.public_base_url).hostname if self.public_base_url else None
+        if public:
+            names.append(public)
+        if self.host not in ("0.0.0.0", "::", ""):  # a wildcard bind has no one name
+            names.append(self.host)
+        # A Host header writes an IPv6 literal in brackets ("[::1]:8000").
+        hosts = [f"[{n}]" if ":" in n else n for n in names] + self.allowed_hosts
+        return list(dict.fromkeys(h.lower() for h in hosts))
 
     @property
     def dicom_storage_dir(self) -> Path:

@@ -9,6 +9,7 @@ access-log middleware records who opened what; patient pages also set
 
 from __future__ import annotations
 
+import re
 import secrets
 from pathlib import Path
 from typing import Annotated, Any
@@ -21,6 +22,7 @@ from services.api.deps import SessionDep, SettingsDep, base_url
 from services.auth import backend_services, smart_launch
 from services.auth.principal import Principal, Role
 from services.auth.tokens import AuthError
+from services.core.config import Settings
 from services.dashboard import charts, compliance, imaging, queries
 from services.dashboard.web import (
     SESSION_COOKIE,
@@ -345,6 +347,29 @@ def launch(request: Request, settings: SettingsDep,
     return response
 
 
+#: The error codes of RFC 6749 section 4.1.2.1: the only part of an error redirect shown.
+_OAUTH_ERRORS = frozenset({"invalid_request", "unauthorized_client", "access_denied",
+                           "unsupported_response_type", "invalid_scope", "server_error",
+                           "temporarily_unavailable"})
+#: A FHIR resource id: the launch context's patient must be one to be put in a URL.
+_FHIR_ID = re.compile(r"[A-Za-z0-9.-]{1,64}")
+
+
+def _builtin_token_endpoint(request: Request, settings: Settings) -> str:
+    """The built-in issuer's token endpoint, never taken from the request's Host header.
+
+    The public URL when configured; else the address the server accepted this connection
+    on (the socket's own, loopback in the demo), else the configured host and port.
+    """
+    if settings.public_base_url:
+        return f"{settings.public_base_url.rstrip('/')}/auth/token"
+    host, port = request.scope.get("server") or (settings.host, settings.port)
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1"
+    netloc = f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return f"{request.url.scheme}://{netloc}/auth/token"
+
+
 @router.get("/callback")
 def callback(request: Request, settings: SettingsDep,
              code: Annotated[str | None, Query(max_length=4000)] = None,
@@ -362,13 +387,12 @@ def callback(request: Request, settings: SettingsDep,
                              "This sign-in did not start here or took too long. Open the "
                              "dashboard from your EHR again.")
     if error or not code:
+        # Only a standard OAuth error code is shown: the description is whatever text the
+        # link's author chose, and this page must not carry it.
+        shown = error if error in _OAUTH_ERRORS else "no authorization code came back"
         raise DashboardError(403, "Launch not authorised",
-                             (error_description or error or "No authorization code came "
-                              "back.")[:300])
-    # The hospital's token endpoint when configured; else the built-in issuer's, reached on
-    # the address this request came in on (loopback in the demo), not the public URL.
-    token_endpoint = (settings.auth_token_endpoint
-                      or f"{str(request.base_url).rstrip('/')}/auth/token")
+                             f"The sign-in was not authorised ({shown}).")
+    token_endpoint = settings.auth_token_endpoint or _builtin_token_endpoint(request, settings)
     try:
         answer = httpx.post(token_endpoint, data={
             "grant_type": "authorization_code", "code": code,
@@ -378,18 +402,19 @@ def callback(request: Request, settings: SettingsDep,
     except httpx.HTTPError:
         raise DashboardError(502, "Sign-in failed",
                              "The authorization server did not answer.") from None
+    # Nothing of the reply is shown: its text is the remote server's, not ours.
     if answer.status_code != 200:
-        raise DashboardError(403, "Sign-in failed", "The authorization code was refused ("
-                             + str(answer.json().get("error", "error"))[:40] + ").")
-    body = answer.json()
+        raise DashboardError(403, "Sign-in failed", "The authorization code was refused.")
     try:
+        body = answer.json()
         principal = request.app.state.token_verifier.verify(body["access_token"])
-    except (AuthError, KeyError):
+    except (AuthError, KeyError, TypeError, ValueError):
         raise DashboardError(403, "Sign-in failed", "The token could not be verified.") \
             from None
     request.state.principal = principal
     patient = body.get("patient")
-    target = (f"/dashboard/patients/{patient}" if isinstance(patient, str) and patient
+    target = (f"/dashboard/patients/{patient}"
+              if isinstance(patient, str) and _FHIR_ID.fullmatch(patient)
               else _home_for(principal))
     response = RedirectResponse(target, status_code=303)
     set_session(response, request, body["access_token"], int(body.get("expires_in", 3600)))
