@@ -36,6 +36,7 @@ from services.dimse import StoreSCP
 from services.jobs import JobWorker, register_builtin_handlers
 from services.mllp import MllpServer, hl7_handler
 from services.observability import Metrics, RequestContextMiddleware
+from services.peer_access import check_listener_settings
 from services.prediction import PredictionService
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ def freeze_heap_after(warm_up: threading.Thread | None) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the database is migrated and the stores opened at start-up."""
     settings = settings or get_settings()
+    # HL7 v2 and DICOM carry no credentials: refuse exposed listeners before anything starts.
+    check_listener_settings(settings)
     local = (LocalIssuer(settings.keys_dir / "builtin-issuer-es384.pem",
                          settings.auth_builtin_issuer_id, settings.auth_audience)
              if settings.builtin_issuer_enabled else None)
@@ -121,6 +124,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             scp = StoreSCP(app.state.dicom_store, ae_title=settings.dicom_ae_title,
                            host=settings.host, port=settings.dicom_port,
                            allowed_calling_aets=settings.dicom_allowed_aets,
+                           allowed_peers=settings.dicom_allowed_peers,
                            ssl_context=settings.tls_context() if settings.dicom_tls else None)
             scp.start()
             log.info("C-STORE SCP %s listening on %s:%d", settings.dicom_ae_title,
@@ -130,7 +134,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             # HL7 v2 over MLLP: the same ingest as POST /hl7v2, one transaction per frame.
             mllp = MllpServer(hl7_handler(app.state.sessions, after_commit=app.state.jobs.wake),
                               host=settings.host, port=settings.mllp_port,
-                              max_frame_bytes=settings.max_upload_bytes,
+                              max_frame_bytes=settings.mllp_max_frame_bytes,
+                              max_connections=settings.mllp_max_connections,
+                              idle_timeout_s=settings.mllp_idle_timeout_s,
+                              allowed_peers=settings.mllp_allowed_peers,
                               ssl_context=settings.tls_context() if settings.mllp_tls else None)
             mllp.start()
             app.state.mllp = mllp

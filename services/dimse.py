@@ -1,6 +1,8 @@
 """DIMSE networking with pynetdicom: the C-STORE SCP, and C-FIND/C-MOVE/C-GET to fetch.
 
-The SCP accepts only allow-listed calling AE titles and answers C-ECHO. Every
+The SCP accepts only allow-listed calling AE titles and answers C-ECHO. An AE
+title is no credential, so off loopback the SCP also needs an allow-list of peer
+addresses or TLS with client certificates (:mod:`services.peer_access`). Every
 received instance goes through the same ``DicomStore`` as STOW-RS, so both
 paths share the duplicate, conflict and crash-safety rules.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Iterable
@@ -28,6 +31,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from services.dicom_store import DicomStore, StoreResult, StoreStatus
+from services.peer_access import PeerAllowList, check_peer_authentication
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +51,48 @@ def encoded_instance(event: Any) -> bytes:
     return bytes(event.encoded_dataset(include_meta=True))
 
 
+_PEERS_SETTING = "CLINFUSE_DICOM_ALLOWED_PEERS"
+
+
+class _GuardedAssociationServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server, checking who connects before reading a byte.
+
+    A peer outside the allow-list is closed on accept. pynetdicom would also run
+    the TLS handshake on the accept loop, with no timeout, so one silent peer could
+    stall every association; here it runs in the association's own thread, bounded
+    by the AE's network timeout.
+    """
+
+    peers: PeerAllowList
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        sock, address = self.socket.accept()
+        if self.peers and not self.peers.allows(str(address[0])):
+            log.warning("C-STORE SCP: connection from %s refused: not in %s", address[0],
+                        _PEERS_SETTING)
+            sock.close()
+            raise OSError("peer not allowed")  # socketserver drops the request
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, address
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            previous = request.gettimeout()
+            request.settimeout(self.ae.network_timeout)
+            try:
+                request.do_handshake()
+            except (OSError, ssl.SSLError) as exc:
+                log.warning("C-STORE SCP %s: TLS handshake failed (%s)", client_address[0],
+                            type(exc).__name__)
+                self.shutdown_request(request)
+                return
+            request.settimeout(previous)
+        super().process_request_thread(request, client_address)
+
+
 @dataclass
 class StoreSCP:
     """A C-STORE SCP (with C-ECHO) feeding a DicomStore."""
@@ -56,11 +102,19 @@ class StoreSCP:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_calling_aets: list[str] = field(default_factory=list)
+    #: Peer addresses or CIDR networks allowed to connect; empty allows any address. Off
+    #: loopback this or a context requiring client certificates is mandatory.
+    allowed_peers: list[str] = field(default_factory=list)
     #: DICOM TLS (PS3.15 B.1): with a context, only TLS associations are accepted.
     ssl_context: ssl.SSLContext | None = None
     _server: ThreadedAssociationServer | None = None
 
     def start(self) -> None:
+        """Listen; raises :class:`~services.peer_access.ExposedListenerError` when a
+        non-loopback host would accept any peer (the AE title is no credential)."""
+        peers = PeerAllowList(self.allowed_peers, setting=_PEERS_SETTING)
+        check_peer_authentication("C-STORE SCP", self.host, self.ssl_context, peers,
+                                  tls_setting="CLINFUSE_DICOM_TLS")
         ae = AE(ae_title=self.ae_title)
         ae.supported_contexts = AllStoragePresentationContexts
         ae.add_supported_context(Verification)
@@ -70,9 +124,16 @@ class StoreSCP:
         ae.maximum_pdu_size = 0
         handlers: list[Any] = [(evt.EVT_C_STORE, self._on_store),
                                 (evt.EVT_C_ECHO, lambda e: 0x0000)]
-        server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers,
-                                 ssl_context=self.ssl_context)
-        assert server is not None  # block=False always returns the server
+        # ae.start_server(block=False), with a server class that checks the peer on
+        # accept; the allow-list is set before the accept loop runs.
+        server = ae.make_server((self.host, self.port), evt_handlers=handlers,
+                                ssl_context=self.ssl_context,
+                                server_class=_GuardedAssociationServer)
+        assert isinstance(server, _GuardedAssociationServer)
+        server.peers = peers
+        ae._servers.append(server)  # AssociationServer.shutdown() removes it
+        threading.Thread(target=server.serve_forever, name="dicom-scp-listener",
+                         daemon=True).start()
         self._server = server
         self.port = int(server.server_address[1])
 

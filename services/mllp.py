@@ -14,6 +14,14 @@ does crashes the listener:
 - a failure while storing (the database is down, say) gets a NAK (AE) telling the
   sender to resend; nothing of that frame is stored.
 
+Framing is :mod:`services.mllp_framing` (linear in the bytes received). Who may
+connect is decided on accept, before a byte is read: peers outside
+``allowed_peers`` and connections beyond ``max_connections`` are closed unread,
+and a listener on a non-loopback address refuses to start unless it has an
+allow-list or requires client certificates (:mod:`services.peer_access`). Each
+frame must arrive complete within ``idle_timeout_s`` of the previous one, so a
+sender trickling bytes holds a connection no longer than a silent one.
+
 Logs name the peer and the acknowledgement codes, never message content.
 """
 
@@ -25,7 +33,8 @@ import socket
 import socketserver
 import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -34,12 +43,14 @@ from fhir_adapters.errors import Issue
 from fhir_adapters.hl7v2 import build_ack
 from services import record_store
 from services.db import session_scope
+from services.mllp_framing import CR, FS, VT, MllpFramer, Refusal
+from services.peer_access import PeerAllowList, check_peer_authentication
 
 __all__ = ["CR", "FS", "VT", "MllpServer", "frame", "hl7_handler"]
 
 log = logging.getLogger(__name__)
 
-VT, FS, CR = b"\x0b", b"\x1c", b"\x0d"
+_PEERS_SETTING = "CLINFUSE_MLLP_ALLOWED_PEERS"
 #: A frame's payload -> the ACK texts to send back, one per message.
 Handler = Callable[[bytes], list[str]]
 
@@ -80,92 +91,61 @@ def hl7_handler(sessions: sessionmaker[Session],
 
 class _Connection(socketserver.BaseRequestHandler):
     server: _TcpServer
-    #: True while discarding bytes outside a frame that were already answered.
-    in_junk = False
 
     def handle(self) -> None:
         listener = self.server.listener
         sock: socket.socket = self.request
-        sock.settimeout(listener.idle_timeout_s)
+        peer = f"{self.client_address[0]}:{self.client_address[1]}"
+        # One deadline per frame, not per read: a sender trickling a byte at a time holds
+        # the connection no longer than a silent one. It restarts with each frame answered.
+        deadline = time.monotonic() + listener.idle_timeout_s
         if isinstance(sock, ssl.SSLSocket):
+            # CPython bounds the whole handshake by the socket timeout, not each read of
+            # it, so a peer trickling its ClientHello is cut off too.
+            sock.settimeout(listener.idle_timeout_s)
             try:
                 sock.do_handshake()
             except (OSError, ssl.SSLError) as exc:
-                log.warning("MLLP: TLS handshake failed (%s)", type(exc).__name__)
+                log.warning("MLLP %s: TLS handshake failed (%s)", peer, type(exc).__name__)
                 return
-        listener.track(sock, add=True)
-        peer = f"{self.client_address[0]}:{self.client_address[1]}"
-        buffer = bytearray()
+        framer = MllpFramer(max_frame_bytes=listener.max_frame_bytes)
         try:
             while True:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    log.info("MLLP %s: no complete frame within %.0f s; closed", peer,
+                             listener.idle_timeout_s)
+                    return
+                sock.settimeout(remaining)
                 try:
                     chunk = sock.recv(65536)
+                except TimeoutError:
+                    continue  # the deadline check above closes it
                 except OSError:
-                    return  # idle timeout, reset or shutdown: the sender reconnects
+                    return  # reset or shutdown: the sender reconnects
                 if not chunk:
                     return
-                buffer += chunk
-                if not self._drain(buffer, sock, peer):
-                    return
-        finally:
-            listener.track(sock, add=False)
+                for event in framer.feed(chunk):
+                    if isinstance(event, Refusal):
+                        self._send(sock, [_nak(event.excerpt, event.reason)], peer)
+                        if event.fatal:
+                            return
+                        continue
+                    try:
+                        acks = listener.handle(event.payload)
+                    except Exception as exc:  # a handler bug must not take the listener down
+                        log.error("MLLP %s: handler failed (%s)", peer, type(exc).__name__)
+                        acks = [build_ack(event.payload, "AE", _RETRY)]
+                    self._send(sock, acks, peer)
+                    deadline = time.monotonic() + listener.idle_timeout_s
+        except OSError:
+            return  # the peer stopped reading its ACKs
 
     def _send(self, sock: socket.socket, acks: list[str], peer: str) -> None:
         for ack in acks:
             sock.sendall(frame(ack))
         codes = [a.split("\r", 2)[1][4:6] if a.count("\r") >= 1 else "?" for a in acks]
         log.info("MLLP %s: answered %s", peer, ",".join(codes))
-
-    def _drain(self, buffer: bytearray, sock: socket.socket, peer: str) -> bool:
-        """Answer every complete frame in ``buffer``; False closes the connection."""
-        listener = self.server.listener
-        while buffer:
-            # Line breaks between frames are common and harmless.
-            stripped = buffer.lstrip(b"\r\n\t ")
-            if len(stripped) != len(buffer):
-                del buffer[:len(buffer) - len(stripped)]
-                continue
-            if buffer[:1] != VT:
-                start = buffer.find(VT)
-                junk = bytes(buffer if start < 0 else buffer[:start])
-                del buffer[:len(junk)]
-                if not self.in_junk:
-                    # One NAK per run of junk, however many reads it arrives in.
-                    self._send(sock, [_nak(junk, "data outside an MLLP frame (expected 0x0B "
-                                                 "before the message); discarded")], peer)
-                self.in_junk = start < 0
-                continue
-            self.in_junk = False
-            end = buffer.find(FS, 1)
-            if end < 0:
-                if len(buffer) > listener.max_frame_bytes:
-                    self._send(sock, [_nak(bytes(buffer[1:4096]), "MLLP frame exceeds the "
-                                           f"limit of {listener.max_frame_bytes} bytes")], peer)
-                    return False
-                return True  # wait for the rest
-            inner = buffer.find(VT, 1, end)
-            if inner >= 0:
-                cut = bytes(buffer[1:inner])
-                del buffer[:inner]
-                self._send(sock, [_nak(cut, "MLLP frame cut short: a new frame (0x0B) began "
-                                            "before this one ended (0x1C 0x0D)")], peer)
-                continue
-            if end + 1 >= len(buffer):
-                return True  # FS arrived; its CR has not yet
-            payload = bytes(buffer[1:end])
-            proper = buffer[end + 1:end + 2] == CR
-            del buffer[:end + (2 if proper else 1)]
-            if not proper:
-                self._send(sock, [_nak(payload, "malformed MLLP frame: 0x1C not followed "
-                                                "by 0x0D")], peer)
-                continue
-            try:
-                acks = listener.handle(payload)
-            except Exception as exc:  # a handler bug must not take the listener down
-                log.error("MLLP %s: handler failed (%s)", peer, type(exc).__name__)
-                acks = [build_ack(payload, "AE", _RETRY)]
-            self._send(sock, acks, peer)
-        return True
 
 
 class _TcpServer(socketserver.ThreadingTCPServer):
@@ -178,10 +158,18 @@ class _TcpServer(socketserver.ThreadingTCPServer):
         context = self.listener.ssl_context
         if context is None:
             return sock, address
-        # The handshake runs in the connection's own thread (first recv), so a slow or
-        # hostile peer cannot stall the accept loop.
+        # No I/O here: the handshake runs in the connection's own thread, after
+        # verify_request, so a slow, hostile or unlisted peer cannot stall the accept loop.
         return context.wrap_socket(sock, server_side=True,
                                    do_handshake_on_connect=False), address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Admit a connection, on the accept loop, before any byte of it is read."""
+        return self.listener.admit(request, str(client_address[0]))
+
+    def shutdown_request(self, request: Any) -> None:
+        self.listener.release(request)
+        super().shutdown_request(request)
 
 
 class MllpServer:
@@ -192,23 +180,34 @@ class MllpServer:
     handle : Handler
         Frame payload -> ACK texts; :func:`hl7_handler` stores through the record store.
     host, port : str, int
-        Where to listen.
+        Where to listen. Any host but loopback needs ``allowed_peers`` or an
+        ``ssl_context`` that requires client certificates (:mod:`services.peer_access`).
     max_frame_bytes : int, default=16 MiB
         Larger frames get a NAK and the connection is closed.
-    idle_timeout_s : float, default=300
-        A connection silent this long is closed.
+    idle_timeout_s : float, default=60
+        Each frame must arrive complete within this long of the previous one (or of
+        connecting); otherwise the connection is closed.
+    max_connections : int, default=32
+        Connections beyond this many are closed as soon as they are accepted.
+    allowed_peers : sequence of str, default=()
+        Peer addresses or CIDR networks allowed to connect; empty allows any peer.
+    ssl_context : ssl.SSLContext, optional
+        MLLP over TLS (and client certificates, if the context requires them).
     """
 
     def __init__(self, handle: Handler, *, host: str = "127.0.0.1", port: int = 2575,
-                 max_frame_bytes: int = 16 * 1024 * 1024, idle_timeout_s: float = 300.0,
+                 max_frame_bytes: int = 16 * 1024 * 1024, idle_timeout_s: float = 60.0,
+                 max_connections: int = 32, allowed_peers: Sequence[str] = (),
                  ssl_context: ssl.SSLContext | None = None) -> None:
         self.handle = handle
-        #: MLLP over TLS (and client certificates, if the context requires them).
         self.ssl_context = ssl_context
         self.host = host
         self.requested_port = port
         self.max_frame_bytes = max_frame_bytes
         self.idle_timeout_s = idle_timeout_s
+        self.max_connections = max_connections
+        self.allowed_peers = allowed_peers
+        self._peers = PeerAllowList((), setting=_PEERS_SETTING)
         self._server: _TcpServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -220,16 +219,41 @@ class MllpServer:
             raise RuntimeError("the MLLP listener is not started")
         return int(self._server.server_address[1])
 
-    def track(self, sock: socket.socket, *, add: bool) -> None:
+    @property
+    def open_connections(self) -> int:
         with self._lock:
-            if add:
-                self._connections.add(sock)
+            return len(self._connections)
+
+    def admit(self, sock: socket.socket, address: str) -> bool:
+        """Whether to serve a just-accepted connection; refused ones are closed unread."""
+        if self._peers and not self._peers.allows(address):
+            log.warning("MLLP: connection from %s refused: not in %s", address,
+                        _PEERS_SETTING)
+            return False
+        with self._lock:
+            if len(self._connections) >= self.max_connections:
+                full = True
             else:
-                self._connections.discard(sock)
+                full = False
+                self._connections.add(sock)
+        if full:
+            log.warning("MLLP: connection from %s refused: %d connections are open "
+                        "(CLINFUSE_MLLP_MAX_CONNECTIONS)", address, self.max_connections)
+        return not full
+
+    def release(self, sock: socket.socket) -> None:
+        """Forget a connection that ended (or was refused)."""
+        with self._lock:
+            self._connections.discard(sock)
 
     def start(self) -> None:
+        """Listen; raises :class:`~services.peer_access.ExposedListenerError` when a
+        non-loopback host would accept any peer, and ValueError for a bad allow-list."""
         if self._server is not None:
             return
+        self._peers = PeerAllowList(self.allowed_peers, setting=_PEERS_SETTING)
+        check_peer_authentication("MLLP listener", self.host, self.ssl_context, self._peers,
+                                  tls_setting="CLINFUSE_MLLP_TLS")
         server = _TcpServer((self.host, self.requested_port), _Connection)
         server.listener = self
         self._server = server

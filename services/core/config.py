@@ -50,10 +50,25 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     #: Calling AE titles allowed to associate; empty means none is allowed.
     dicom_allowed_aets: list[str] = []
+    #: Peer addresses or CIDR networks allowed to connect to the C-STORE SCP; others are
+    #: closed unread. Off loopback the SCP needs this or mutual TLS (a client CA), or it
+    #: refuses to start: an AE title is no credential.
+    dicom_allowed_peers: list[str] = []
     #: HL7 v2 MLLP listener (one ACK per message), started with the service when enabled.
     mllp_enabled: bool = False
     #: Port of the MLLP listener (2575 is HL7's registered port); it listens on ``host``.
     mllp_port: int = 2575
+    #: Peer addresses or CIDR networks allowed to connect to the MLLP listener; others are
+    #: closed unread. Off loopback the listener needs this or mutual TLS (a client CA), or
+    #: it refuses to start: HL7 v2 carries no credentials.
+    mllp_allowed_peers: list[str] = []
+    #: Largest MLLP frame in bytes; a larger one gets a NAK (AR) and the connection closes.
+    mllp_max_frame_bytes: int = 16 * 1024 * 1024
+    #: Most MLLP connections open at once; more are closed as soon as they are accepted.
+    mllp_max_connections: int = 32
+    #: Each MLLP frame must arrive complete within this many seconds of the previous one
+    #: (or of connecting), else the connection closes; the sender reconnects.
+    mllp_idle_timeout_s: float = 60.0
 
     #: The model artifact served; None serves no predictions (ingest and PACS still work).
     model_path: Path | None = None
