@@ -37,6 +37,8 @@ BENCHMARKS = {
                 "Explanation for one patient (p50) and EHR SHAP vs KernelExplainer"),
     "inference": ("benchmarks.inference_bench",
                   "Per-patient inference latency on the CPU, image and note embeddings cached"),
+    "mllp": ("benchmarks.mllp_bench",
+             "MLLP framing: unterminated frame in 64 KiB reads, pre-issue-19 reader vs framer"),
     "fuzz": ("benchmarks.fuzz_parsers",
              "Mutation fuzzing of the readers (in-process, isolated worker, 5 s and memory "
              "bound per input)"),
