@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from services import model_registry
 from services.access_log import AccessLog
 from services.api.access import AccessLogMiddleware
+from services.api.body_limit import BodyLimitMiddleware
 from services.api.errors import install_error_handlers, install_openapi
 from services.api.routes import access_log as access_log_routes
 from services.api.routes import admin as admin_routes
@@ -159,6 +160,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.token_verifier = verifier
     install_error_handlers(app)
     install_openapi(app)
+    # Every body capped and timed before routing and authentication (CLINFUSE_MAX_*_BYTES).
+    # Innermost, so the routes' own reads raise its 413/408 directly: a BaseHTTPMiddleware
+    # in between would wrap them in an ExceptionGroup, which FastAPI answers with a 400.
+    app.add_middleware(BodyLimitMiddleware, settings=settings)
     app.add_middleware(AccessLogMiddleware)
     # Only the names this service is reached by (CLINFUSE_ALLOWED_HOSTS): URLs built from
     # the Host header, and DNS rebinding, cannot point elsewhere.
