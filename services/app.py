@@ -99,7 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         migrate(engine)
         app.state.engine = engine
         app.state.sessions = session_factory(engine)
-        app.state.dicom_store = DicomStore(settings.dicom_storage_dir, app.state.sessions)
+        app.state.dicom_store = DicomStore(settings.dicom_storage_dir, app.state.sessions,
+                                           limits=settings.dicom_limits())
         app.state.access_log = AccessLog(
             app.state.sessions, settings.keys_dir / "access-log-ed25519.pem",
             checkpoint_every=settings.access_log_checkpoint_every,

@@ -101,7 +101,8 @@ def _fetch(args: argparse.Namespace) -> int:
     settings = Settings()
     engine = make_engine(settings.database_url)
     migrate(engine)
-    store = DicomStore(settings.dicom_storage_dir, session_factory(engine))
+    store = DicomStore(settings.dicom_storage_dir, session_factory(engine),
+                       limits=settings.dicom_limits())
     if args.dicomweb:
         results = fetch_dicomweb(args.dicomweb, args.patient, store)
         failed = [r for r in results if not r.ok]

@@ -168,7 +168,7 @@ def prepare_service(out: Path, *, patients: int = 300, seed: int = 7) -> DemoSer
     # The cohort's HL7 v2 files repeat the FHIR data of a fifth of the patients; a site
     # sends each fact once, so the demo store takes the FHIR copy (HL7 ingest is shown by
     # tests/services/test_hl7_service.py and `curl -X POST /hl7v2`).
-    store = DicomStore(settings.dicom_storage_dir, sessions)
+    store = DicomStore(settings.dicom_storage_dir, sessions, limits=settings.dicom_limits())
     n_instances = 0
     for series in sorted(p for p in (cohort / "dicom").glob("*/*") if p.is_dir()):
         results = store.store_many([f.read_bytes() for f in sorted(series.iterdir())])

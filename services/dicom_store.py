@@ -12,7 +12,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import hashlib
-import io
 import logging
 import os
 import tempfile
@@ -23,13 +22,19 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from pipelines.imaging.dicom_limits import (
+    DeflateError,
+    DicomLimitError,
+    DicomLimits,
+    check_pixel_budget,
+    read_part10,
+)
 from services.jobs import enqueue_series_stored
 from services.tables import DicomInstanceRow
 
@@ -87,8 +92,13 @@ class InstanceError(ValueError):
         self.dataset = dataset
 
 
-def parse_instance(data: bytes) -> Dataset:
-    """Parse and check a Part-10 instance: required UIDs and complete pixel data."""
+def parse_instance(data: bytes, limits: DicomLimits | None = None) -> Dataset:
+    """Parse and check a Part-10 instance: required UIDs and complete pixel data.
+
+    A deflated dataset is inflated only up to ``limits.max_dataset_bytes``, and pixel
+    data whose decoding would pass ``limits.max_pixel_bytes`` is refused
+    (:mod:`pipelines.imaging.dicom_limits`), both with FAILURE_OUT_OF_RESOURCES.
+    """
     if not data:
         raise InstanceError("empty part: no DICOM bytes")
     try:
@@ -96,7 +106,11 @@ def parse_instance(data: bytes) -> Dataset:
         # pydicom only warns when a file ends inside a sequence or encapsulated data.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(io.BytesIO(data))
+            ds = read_part10(data, limits=limits)
+    except DicomLimitError as exc:
+        raise InstanceError(exc.reason, FAILURE_OUT_OF_RESOURCES) from None
+    except DeflateError as exc:
+        raise InstanceError(str(exc)) from None
     except InvalidDicomError:
         raise InstanceError("not a DICOM Part-10 file (no 'DICM' prefix after the preamble)"
                             ) from None
@@ -110,6 +124,10 @@ def parse_instance(data: bytes) -> Dataset:
         raise InstanceError(f"missing required attribute(s) {missing}", FAILURE_DATASET_MISMATCH,
                             ds)
     _check_pixel_data(ds)
+    try:
+        check_pixel_budget(ds, limits)
+    except DicomLimitError as exc:
+        raise InstanceError(exc.reason, FAILURE_OUT_OF_RESOURCES, ds) from None
     return ds
 
 
@@ -172,11 +190,17 @@ def qido_attributes(ds: Dataset) -> dict[str, Any]:
 
 
 class DicomStore:
-    """Stores instances on disk and indexes them in the database."""
+    """Stores instances on disk and indexes them in the database.
 
-    def __init__(self, root: Path, sessions: sessionmaker[Session]) -> None:
+    ``limits`` caps what one instance may cost to inflate and decode; ingest refuses an
+    instance over them, and :meth:`read_dataset` reads under them.
+    """
+
+    def __init__(self, root: Path, sessions: sessionmaker[Session], *,
+                 limits: DicomLimits | None = None) -> None:
         self.root = Path(root)
         self.sessions = sessions
+        self.limits = limits or DicomLimits()
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path_for(self, sha256: str) -> Path:
@@ -196,7 +220,7 @@ class DicomStore:
         pending: dict[str, tuple[int, str, bytes, Dataset]] = {}
         for i, data in enumerate(payloads):
             try:
-                ds = parse_instance(data)
+                ds = parse_instance(data, self.limits)
             except InstanceError as exc:
                 results[i] = StoreResult(StoreStatus.FAILED, _uid(exc.dataset, "SOPInstanceUID"),
                                          _uid(exc.dataset, "SOPClassUID"), reason=exc.reason,
@@ -301,6 +325,19 @@ class DicomStore:
 
     def read_bytes(self, row: DicomInstanceRow) -> bytes:
         return self.path_for(row.sha256).read_bytes()
+
+    def read_dataset(self, row: DicomInstanceRow, *, stop_before_pixels: bool = False
+                     ) -> Dataset:
+        """A stored instance parsed under the store's caps (bounded inflation).
+
+        Raises
+        ------
+        DicomLimitError
+            The instance, or its inflated dataset, is over ``limits.max_dataset_bytes``
+            (stored before the caps existed, or under larger ones).
+        """
+        return read_part10(self.read_bytes(row), limits=self.limits,
+                           stop_before_pixels=stop_before_pixels)
 
     def iter_bytes(self, rows: Iterable[DicomInstanceRow]) -> Iterator[bytes]:
         for row in rows:

@@ -5,7 +5,6 @@ The HTTP routes in ``services.api.routes.dicomweb`` stay thin and call these.
 
 from __future__ import annotations
 
-import io
 import re
 import uuid
 from collections.abc import Iterable, Iterator
@@ -13,7 +12,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import pydicom
+from pydicom.dataset import Dataset
 
+from pipelines.imaging.dicom_limits import read_part10
 from services.dicom_store import (
     FAILURE_DATASET_MISMATCH,
     DicomStore,
@@ -153,7 +154,7 @@ def stow(store: DicomStore, content_type: str, body: bytes, *, base_url: str,
         if part.content_type not in ("", DICOM_TYPE):
             results[index] = StoreResult(StoreStatus.FAILED, reason=f"{part.content_type} is "
                                          f"not {DICOM_TYPE}", code=0xC000)
-        elif study_uid is not None and (refusal := _other_study(part.body, study_uid)):
+        elif study_uid is not None and (refusal := _other_study(store, part.body, study_uid)):
             results[index] = refusal
         else:
             accepted.append(index)
@@ -167,10 +168,12 @@ def stow(store: DicomStore, content_type: str, body: bytes, *, base_url: str,
     return _stow_response(final, base_url)
 
 
-def _other_study(data: bytes, study_uid: str) -> StoreResult | None:
+def _other_study(store: DicomStore, data: bytes, study_uid: str) -> StoreResult | None:
     """A failure when the instance belongs to another study than the URL names."""
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        # Under the store's caps: pydicom alone inflates a deflated dataset whole, even
+        # when it stops before the pixels.
+        ds = read_part10(data, limits=store.limits, stop_before_pixels=True)
     except Exception:
         return None  # the store reports why it can't be read
     actual = str(ds.get("StudyInstanceUID", ""))
@@ -305,9 +308,9 @@ def _non_negative(name: str, value: str) -> int:
 # -- WADO-RS ----------------------------------------------------------------------------------
 
 
-def instance_metadata(data: bytes, base_url: str, row: DicomInstanceRow) -> dict[str, Any]:
-    """DICOM JSON of one instance, bulk data replaced by its retrieve URL."""
-    ds = pydicom.dcmread(io.BytesIO(data))
+def instance_metadata(ds: Dataset, base_url: str, row: DicomInstanceRow) -> dict[str, Any]:
+    """DICOM JSON of one instance (read by ``DicomStore.read_dataset``), bulk data replaced
+    by its retrieve URL."""
     url = instance_url(base_url, row)
 
     def bulk_handler(element: pydicom.DataElement) -> str:

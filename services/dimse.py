@@ -30,6 +30,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from pipelines.imaging.dicom_limits import read_part10
 from services.dicom_store import DicomStore, StoreResult, StoreStatus
 from services.peer_access import PeerAllowList, check_peer_authentication
 
@@ -143,6 +144,8 @@ class StoreSCP:
             self._server = None
 
     def _on_store(self, event: Any) -> int:
+        # The raw bytes, never event.dataset: pydicom would inflate a deflated dataset
+        # whole; the store reads it under its caps and answers 0xA700 over them.
         try:
             data = encoded_instance(event)
         except Exception as exc:
@@ -266,9 +269,8 @@ def send_instances(peer: Peer, payloads: Iterable[bytes], *,
                    calling_aet: str = "CLINFUSE",
                    tls: tuple[ssl.SSLContext, str] | None = None) -> list[int]:
     """C-STORE Part-10 instances to a peer over one association; returns the statuses."""
-    from pydicom import dcmread
-
-    datasets = [dcmread(io.BytesIO(p)) for p in payloads]
+    # Bounded like every other reader: a deflated payload inflates only up to the cap.
+    datasets = [read_part10(p) for p in payloads]
     ae = AE(ae_title=calling_aet)
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         syntaxes = sorted({str(ds.file_meta.TransferSyntaxUID) for ds in datasets})

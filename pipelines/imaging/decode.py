@@ -25,6 +25,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
 )
 
+from pipelines.imaging.dicom_limits import DicomLimitError, DicomLimits, check_pixel_budget
 from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
@@ -76,21 +77,38 @@ def transfer_syntax(ds: Dataset, source: str) -> UID:
     return UID("1.2.840.10008.1.2.2")
 
 
-def decode_pixels(ds: Dataset, source: str) -> np.ndarray:
+def decode_pixels(ds: Dataset, source: str, *, limits: DicomLimits | None = None
+                  ) -> np.ndarray:
     """Stored pixel values, frames first: ``(frames, rows, cols[, samples])``.
 
     Colour data come back as RGB (YBR is converted by pydicom); palette colour is
     expanded through its lookup table.
 
+    Parameters
+    ----------
+    ds : Dataset
+        The instance.
+    source : str
+        Name used in errors.
+    limits : DicomLimits, optional
+        The decoded-pixel cap, checked before any decoder runs; default
+        :data:`pipelines.imaging.dicom_limits.DEFAULT_LIMITS`.
+
     Raises
     ------
     ImageError
-        No pixel data, an undecodable transfer syntax, or truncated/corrupt pixel data.
+        No pixel data, an undecodable transfer syntax, truncated/corrupt pixel data, or
+        pixel data that would decode past the cap (declared by the header or by a
+        JPEG/JPEG 2000 codestream).
     """
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise ImageError(
             f"no pixel data (Modality {shown_code(ds.get('Modality'))}, "
             f"SOPClassUID {shown_code(ds.get('SOPClassUID'))})", source=source)
+    try:
+        check_pixel_budget(ds, limits)
+    except DicomLimitError as exc:
+        raise ImageError(exc.reason, source=source) from None
     ts = transfer_syntax(ds, source)
     if ds.file_meta.get("TransferSyntaxUID") is None:
         # Raw datasets read with force=True: pydicom needs the syntax in the meta to decode.

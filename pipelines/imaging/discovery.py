@@ -20,6 +20,7 @@ from pydicom.sequence import Sequence
 from pydicom.valuerep import VR as VR_
 
 from pipelines.imaging.decode import shown_code, transfer_syntax
+from pipelines.imaging.dicom_limits import DeflateError, DicomLimitError, DicomLimits, read_part10
 from pipelines.imaging.header import header_value
 from pipelines.imaging.volume import ImageError
 
@@ -62,7 +63,8 @@ class Discovery:
                          for uid, items in self.series.items())
 
 
-def read_dicom(data: Path | bytes, source: str | None = None) -> Dataset:
+def read_dicom(data: Path | bytes, source: str | None = None, *,
+               limits: DicomLimits | None = None) -> Dataset:
     """Read one DICOM file, allowing files without File Meta only if they parse as DICOM.
 
     Parameters
@@ -71,11 +73,15 @@ def read_dicom(data: Path | bytes, source: str | None = None) -> Dataset:
         The file, or its bytes (a zip member).
     source : str, optional
         Name used in errors; defaults to the path.
+    limits : DicomLimits, optional
+        The dataset cap, also on what a Deflated dataset inflates to; default
+        :data:`pipelines.imaging.dicom_limits.DEFAULT_LIMITS`.
 
     Raises
     ------
     ImageError
-        The bytes are not DICOM, or the header cannot be parsed.
+        The bytes are not DICOM, the header cannot be parsed, or the dataset is over
+        the cap (a possible decompression bomb).
     """
     name = source if source is not None else str(data)
 
@@ -83,7 +89,9 @@ def read_dicom(data: Path | bytes, source: str | None = None) -> Dataset:
         return io.BytesIO(data) if isinstance(data, bytes) else str(data)
 
     try:
-        ds = pydicom.dcmread(_open())
+        ds = read_part10(data, limits=limits)
+    except (DicomLimitError, DeflateError) as exc:
+        raise ImageError(str(exc), source=name) from None
     except InvalidDicomError:
         pass  # no preamble/'DICM': maybe a raw dataset, tried below with force=True
     except FileNotFoundError as exc:

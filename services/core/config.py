@@ -5,9 +5,12 @@ from __future__ import annotations
 import ssl
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from pipelines.imaging.dicom_limits import DicomLimits
 
 
 class Settings(BaseSettings):
@@ -50,6 +53,14 @@ class Settings(BaseSettings):
     dicom_port: int = 11112
     #: Calling AE titles allowed to associate; empty means none is allowed.
     dicom_allowed_aets: list[str] = []
+    #: Largest DICOM dataset in bytes, measured after inflating the Deflated transfer
+    #: syntax (a decompression-bomb cap): STOW-RS and C-STORE refuse a larger instance
+    #: (status 0xA700), and reads stop inflating at it.
+    dicom_max_dataset_bytes: int = 512 * 1024 * 1024
+    #: Largest decoded pixel data of one instance in bytes (Rows x Columns x frames x
+    #: samples x bytes per sample, and each JPEG/JPEG 2000 codestream's own size), checked
+    #: before any decoding; STOW-RS and C-STORE refuse a larger instance (0xA700).
+    dicom_max_pixel_bytes: int = 1024 * 1024 * 1024
     #: Peer addresses or CIDR networks allowed to connect to the C-STORE SCP; others are
     #: closed unread. Off loopback the SCP needs this or mutual TLS (a client CA), or it
     #: refuses to start: an AE title is no credential.
@@ -156,6 +167,13 @@ class Settings(BaseSettings):
         # A Host header writes an IPv6 literal in brackets ("[::1]:8000").
         hosts = [f"[{n}]" if ":" in n else n for n in names] + self.allowed_hosts
         return list(dict.fromkeys(h.lower() for h in hosts))
+
+    def dicom_limits(self) -> DicomLimits:
+        """The DICOM dataset and pixel caps, for the store and every reader of it."""
+        from pipelines.imaging.dicom_limits import DicomLimits
+
+        return DicomLimits(max_dataset_bytes=self.dicom_max_dataset_bytes,
+                           max_pixel_bytes=self.dicom_max_pixel_bytes)
 
     @property
     def dicom_storage_dir(self) -> Path:

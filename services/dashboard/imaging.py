@@ -26,6 +26,7 @@ from PIL import Image
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from pipelines.imaging.dicom_limits import check_pixel_budget
 from services.dicom_store import DicomStore
 from services.tables import DicomInstanceRow, PatientIdentifierRow, PatientRow
 
@@ -116,8 +117,6 @@ def series_volume(session: Session, store: DicomStore, series_uid: str) -> np.nd
     Slices are ordered by ImagePositionPatient projected on the slice normal, not by
     InstanceNumber, which senders do not always keep in anatomical order.
     """
-    import pydicom
-
     rows = list(session.scalars(select(DicomInstanceRow).where(
         DicomInstanceRow.SeriesInstanceUID == series_uid)))
     key = (series_uid, tuple(sorted(r.sha256 for r in rows)))
@@ -126,7 +125,9 @@ def series_volume(session: Session, store: DicomStore, series_uid: str) -> np.nd
         return np.asarray(cached)
     slices: list[tuple[float, np.ndarray]] = []
     for k, row in enumerate(rows):
-        ds = pydicom.dcmread(io.BytesIO(store.read_bytes(row)))
+        # Under the store's caps: bounded inflation, and no decoding past the pixel cap.
+        ds = store.read_dataset(row)
+        check_pixel_budget(ds, store.limits)
         pixels = np.asarray(ds.pixel_array, dtype=np.float32)
         if pixels.ndim != 2:
             continue  # multi-frame or colour: not a slice of this viewer

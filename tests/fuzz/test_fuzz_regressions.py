@@ -29,6 +29,7 @@ from fhir_adapters.errors import IngestError
 from fhir_adapters.fhir_json import records_from_json
 from pipelines.imaging.convert import dicom_to_nifti, volume_to_nifti
 from pipelines.imaging.decode import _decoding_plugin, decode_pixels
+from pipelines.imaging.dicom_limits import DicomLimits
 from pipelines.imaging.discovery import discover, read_dicom
 from pipelines.imaging.volume import ImageError, Volume
 from pipelines.manifest import ManifestError, read_manifest
@@ -181,9 +182,13 @@ def test_frame_count_too_large_for_memory_is_refused(monkeypatch: pytest.MonkeyP
     def refuse(*args: object, **kwargs: object) -> None:
         raise MemoryError
 
+    # The default pixel cap (issue 19) refuses it before any allocation ...
+    with pytest.raises(ImageError, match="more than the 1 GiB cap; refused before decoding"):
+        decode_pixels(ds, "rle.dcm")
+    # ... and under a cap raised past it, a failed allocation is still a located error.
     monkeypatch.setattr(np, "empty", refuse)
     with pytest.raises(ImageError) as caught:
-        decode_pixels(ds, "rle.dcm")
+        decode_pixels(ds, "rle.dcm", limits=DicomLimits(max_pixel_bytes=1 << 40))
     assert caught.value.reason.startswith("the decoded pixel data would not fit in memory")
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from pipelines.imaging.dicom_limits import DeflateError, DicomLimitError
 from services import dicomweb
 from services.api.deps import (
     DicomStoreDep,
@@ -55,6 +56,7 @@ _RETRIEVE_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND}
 _METADATA_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"description": "the instances' metadata, as DICOM JSON", "content": _DICOM_JSON},
+    422: {"description": "a stored instance is over the DICOM dataset cap"},
     **_NOT_FOUND}
 write = partial(router.post, dependencies=[WRITE], response_class=DicomJSONResponse,
                 openapi_extra=_STOW_BODY, responses=_STOW_RESPONSES)
@@ -165,7 +167,17 @@ def retrieve_instance(study: str, series: str, instance: str,
 def _metadata(request: Request, settings: SettingsDep, store: DicomStoreDep,
               rows: list[Any]) -> JSONResponse:
     root = base_url(request, settings, PREFIX)
-    return _dicom_json([dicomweb.instance_metadata(store.read_bytes(r), root, r) for r in rows])
+    out = []
+    for number, row in enumerate(rows, start=1):
+        try:
+            ds = store.read_dataset(row)
+        except (DicomLimitError, DeflateError) as exc:
+            # Stored before the caps existed (or under larger ones): never inflated here
+            # past the cap. Named by its place in the answer; UIDs stay out of errors.
+            raise HTTPException(422, f"instance {number} of {len(rows)} cannot be read "
+                                     f"within this server's limits: {exc}") from None
+        out.append(dicomweb.instance_metadata(ds, root, row))
+    return _dicom_json(out)
 
 
 @metadata("/studies/{study}/metadata", summary="WADO-RS: a study's metadata")

@@ -33,6 +33,7 @@ from services import ndjson_import, record_store
 from services.api.deps import SessionDep, SettingsDep, base_url, read_limited_body, require
 from services.api.errors import FHIR_JSON
 from services.auth.principal import Role
+from services.body_encoding import ContentEncodingError, decoded_body
 from services.record_store import EntryResult, IngestResult
 
 T = TypeVar("T")
@@ -274,12 +275,21 @@ _IMPORT_WARNED = {"resourceType": "OperationOutcome", "issue": [
     responses={200: {"description": "stored: an OperationOutcome with the counts and a "
                                     "warning for each dropped line",
                      "content": {FHIR_JSON: {"example": _IMPORT_WARNED}}},
-               400: _OUTCOME, 413: {"description": "the body exceeds the upload limit"},
-               415: {"description": "not application/fhir+ndjson"}, 422: _OUTCOME})
+               400: _OUTCOME,
+               413: {"description": "the body, or what its Content-Encoding: gzip inflates "
+                                    "to, exceeds the upload limit"},
+               415: {"description": "not application/fhir+ndjson, or a Content-Encoding "
+                                    "other than gzip"}, 422: _OUTCOME})
 async def import_ndjson(request: Request, session: SessionDep,
                         settings: SettingsDep) -> JSONResponse:
     require_media_type(request, NDJSON_TYPES)
     body = await read_limited_body(request, settings.max_upload_bytes)
+    try:
+        # Content-Encoding: gzip inflates up to the same limit as an uncompressed body.
+        body = decoded_body(body, request.headers.get("content-encoding"),
+                            max_bytes=settings.max_upload_bytes)
+    except ContentEncodingError as exc:
+        raise HTTPException(exc.status, exc.detail) from None
     try:
         stored = await run_in_threadpool(
             committed, session, lambda: ndjson_import.import_ndjson(session, body))
