@@ -11,7 +11,10 @@ with an ``overrideReason`` and ``userComment``) is stored against that card.
 Errors are value-free: a malformed request is 400, data the service cannot get is
 412 (the spec's "Precondition Failed"), an unknown card is 404; the routes answer
 them as OperationOutcomes. Fetching follows searchset ``next`` links only on the
-``fhirServer``'s own origin, so the EHR's access token never leaves it.
+``fhirServer``'s own origin, so the EHR's access token never leaves it, and goes
+through :mod:`services.outbound`: the origin must be on the allow-list, one deadline
+covers all of a hook's fetching, bodies are capped, and a failure is reported with
+one generic message (no status code or error type: no port-scanning oracle).
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +30,13 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from fhir_adapters.errors import IngestError, Issue
 from services import record_store
+from services.outbound import Outbound, OutboundError, OutboundSession
 from services.prediction import PredictionService, indicator_for
 from services.tables import FeedbackRow, PredictionRow
 
@@ -72,10 +74,9 @@ OVERRIDE_REASONS: tuple[dict[str, str], ...] = tuple(
         ("other", "Other (see comment)"),
     ))
 SUMMARY_MAX = 139  # the spec: "<140 characters"
-#: Fetch limits: one slow or huge FHIR server must not hold a hook for long.
-FETCH_TIMEOUT = httpx.Timeout(5.0, connect=2.0)
-#: All of one hook's fetching, pages included, must end within this (seconds).
-FETCH_DEADLINE_S = 15.0
+#: Fetch limits: one slow or huge FHIR server must not hold a hook for long. The
+#: deadline (all of one hook's fetching, pages included) and the body cap are the
+#: outbound settings (``outbound_deadline_s``, ``outbound_max_body_bytes``).
 MAX_PAGES = 20
 MAX_ENTRIES = 5000
 
@@ -317,43 +318,26 @@ def _prefetched(key: str, value: dict[str, Any]) -> list[dict[str, Any]]:
 class _Fetcher:
     """Reads from the EHR's FHIR server with its token; same-origin paging only."""
 
-    def __init__(self, base: str, token: str | None) -> None:
+    def __init__(self, base: str, token: str | None, session: OutboundSession) -> None:
         self.base = base.rstrip("/") + "/"
         self.origin = urlsplit(self.base)[:2]
-        headers = {"Accept": "application/fhir+json"}
+        self.headers = {"Accept": "application/fhir+json"}
         if token:
-            headers["Authorization"] = f"Bearer {token}"
-        self.client = httpx.Client(headers=headers, timeout=FETCH_TIMEOUT,
-                                   follow_redirects=False)
-        self.deadline = time.monotonic() + FETCH_DEADLINE_S
-
-    def close(self) -> None:
-        self.client.close()
+            self.headers["Authorization"] = f"Bearer {token}"
+        self.session = session
 
     def _get(self, url: str, key: str) -> dict[str, Any]:
         if urlsplit(url)[:2] != self.origin:
             raise HookError(412, "the FHIR server's paging link leaves its origin; not "
                             "followed", f"prefetch.{key}", "processing")
-        if time.monotonic() > self.deadline:
-            raise HookError(412, f"the FHIR server did not deliver the {key} data within "
-                            f"{FETCH_DEADLINE_S:g} s", "fhirServer", "processing")
         try:
-            response = self.client.get(url)
-        except httpx.HTTPError as exc:
-            raise HookError(412, f"the FHIR server could not be read ({type(exc).__name__})",
-                            "fhirServer", "processing") from None
-        if response.status_code != 200:
-            raise HookError(412, f"the FHIR server answered {response.status_code} to the "
-                            f"{key} query", "fhirServer", "processing")
-        try:
-            data = response.json()
-        except ValueError:
-            raise HookError(412, f"the FHIR server's answer to the {key} query is not JSON",
-                            "fhirServer", "processing") from None
-        if not isinstance(data, dict):
-            raise HookError(412, f"the FHIR server's answer to the {key} query is not a "
-                            "resource", "fhirServer", "processing")
-        return data
+            return self.session.get_json(url, headers=self.headers)
+        except OutboundError:
+            # One message for every failure (refused token, missing patient, timeout,
+            # closed port): anything more would tell a caller what is listening where.
+            # The outbound log has the reason at DEBUG.
+            raise HookError(412, f"the FHIR server could not be reached or did not return "
+                            f"the {key} data", "fhirServer", "processing") from None
 
     def fetch(self, key: str, query: str) -> list[dict[str, Any]]:
         url = urljoin(self.base, query)
@@ -377,14 +361,16 @@ class _Fetcher:
         return out
 
 
-def fetch_prefetch(request: HookRequest) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
+def fetch_prefetch(request: HookRequest, *, outbound: Outbound
+                   ) -> tuple[dict[str, list[dict[str, Any]]], list[str]]:
     """Each prefetch key's resources: from the request, else fetched (key list returned).
 
     Raises
     ------
     HookError
-        412 when data is missing and there is no fhirServer to fetch it from, or the
-        server fails; 400 for a malformed prefetch value.
+        412 when data is missing and there is no fhirServer to fetch it from, the
+        fhirServer's origin is not on the outbound allow-list, or the server fails;
+        400 for a malformed prefetch value.
     """
     data: dict[str, list[dict[str, Any]]] = {}
     missing: list[str] = []
@@ -402,16 +388,21 @@ def fetch_prefetch(request: HookRequest) -> tuple[dict[str, list[dict[str, Any]]
             raise HookError(412, f"prefetch {missing} missing and no fhirServer to fetch it "
                             "from", "prefetch", "required")
         token = request.fhirAuthorization.access_token if request.fhirAuthorization else None
-        fetcher = _Fetcher(request.fhirServer, token)
-        try:
+        # One session: one deadline over all searches and pages, the host resolved once.
+        with outbound.session("the FHIR server") as session:
+            try:
+                session.check(request.fhirServer)
+            except OutboundError as exc:
+                raise HookError(412, "fhirServer is not a FHIR server this service may "
+                                "fetch from: its origin is not on the outbound allow-list",
+                                "fhirServer", "processing") from exc
+            fetcher = _Fetcher(request.fhirServer, token, session)
             # The searches are independent: run them side by side (I/O bound).
             with ThreadPoolExecutor(max_workers=len(missing)) as pool:
                 futures = {k: pool.submit(fetcher.fetch, k, _fill(PREFETCH[k], request.context))
                            for k in missing}
                 for key, future in futures.items():
                     data[key] = future.result()
-        finally:
-            fetcher.close()
     return data, missing
 
 
@@ -560,8 +551,8 @@ def _store(session: Session, request: HookRequest, data: dict[str, list[dict[str
 
 
 def handle_patient_view(session: Session, service: PredictionService, request: HookRequest,
-                        *, requested_by: str, base_url: str, reuse_within_s: float = 0.0
-                        ) -> HookResult:
+                        *, requested_by: str, base_url: str, outbound: Outbound,
+                        reuse_within_s: float = 0.0) -> HookResult:
     """Answer a patient-view call: store the data, predict, one card.
 
     The index time is now (the service's clock): patient-view asks about the patient
@@ -570,7 +561,7 @@ def handle_patient_view(session: Session, service: PredictionService, request: H
     """
     if request.hook != HOOK:
         raise HookError(400, f"this service answers the {HOOK} hook only", "hook", "value")
-    data, fetched = fetch_prefetch(request)
+    data, fetched = fetch_prefetch(request, outbound=outbound)
     patient_id = _store(session, request, data, fetched)
     # Commit the data before the model runs: no write lock is held during the prediction
     # (SQLite has one writer), and the data is worth keeping even if the prediction fails.

@@ -17,13 +17,17 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from services.auth.principal import Principal, Role
+
+if TYPE_CHECKING:
+    from services.auth.jwks import RemoteJwks
+    from services.outbound import Outbound
 
 __all__ = ["ACCEPTED_ALGORITHMS", "AuthError", "LocalIssuer", "OneTimeIds", "TokenVerifier",
            "TrustedIssuer"]
@@ -48,6 +52,9 @@ class TrustedIssuer:
 
     issuer: str
     jwks: Callable[[], dict[str, Any]]
+    #: Fetch the keys again now (a token names an unknown kid: the IdP rotated); None
+    #: when the keys cannot change underneath (a file, the built-in issuer).
+    refresh: Callable[[], dict[str, Any]] | None = None
 
 
 def jwks_from_file(path: Path) -> Callable[[], dict[str, Any]]:
@@ -57,22 +64,12 @@ def jwks_from_file(path: Path) -> Callable[[], dict[str, Any]]:
     return load
 
 
-def jwks_from_url(url: str, *, ttl_s: float = 300.0) -> Callable[[], dict[str, Any]]:
-    """A JWKS fetched over HTTPS and cached for ``ttl_s``, so key rotation is picked up."""
-    import httpx
+def jwks_from_url(url: str, *, outbound: Outbound, ttl_s: float = 300.0) -> RemoteJwks:
+    """A JWKS fetched under the outbound policy: https, capped, cached for ``ttl_s``,
+    refetched on an unknown kid, kept while the IdP is down (:mod:`services.auth.jwks`)."""
+    from services.auth.jwks import RemoteJwks
 
-    cache: dict[str, Any] = {}
-    lock = threading.Lock()
-
-    def load() -> dict[str, Any]:
-        with lock:
-            if cache and time.monotonic() - cache["at"] < ttl_s:
-                return dict(cache["jwks"])
-            response = httpx.get(url, timeout=5.0)
-            response.raise_for_status()
-            cache.update(jwks=response.json(), at=time.monotonic())
-            return dict(cache["jwks"])
-    return load
+    return RemoteJwks(url, outbound=outbound, ttl_s=ttl_s)
 
 
 class TokenVerifier:
@@ -98,7 +95,7 @@ class TokenVerifier:
         trusted = self.issuers.get(str(unverified.get("iss")))
         if trusted is None:
             raise AuthError(401, "the token's issuer is not trusted here")
-        key = _key_for(trusted.jwks(), header.get("kid"), alg)
+        key = _key_for(trusted.jwks(), header.get("kid"), alg, trusted.refresh)
         try:
             claims = jwt.decode(token, key=key, algorithms=[alg], audience=self.audience,
                                 issuer=trusted.issuer, leeway=self.leeway_s,
@@ -126,10 +123,15 @@ class TokenVerifier:
         return min(known, key=order.index)
 
 
-def _key_for(jwks: dict[str, Any], kid: str | None, alg: str) -> Any:
+def _key_for(jwks: dict[str, Any], kid: str | None, alg: str,
+             refresh: Callable[[], dict[str, Any]] | None = None) -> Any:
     keys = [k for k in jwks.get("keys", []) if isinstance(k, dict)]
     if kid is not None:
         keys = [k for k in keys if k.get("kid") == kid]
+        if not keys and refresh is not None:
+            # An unknown kid: the IdP may have rotated since the cache was filled.
+            keys = [k for k in refresh().get("keys", [])
+                    if isinstance(k, dict) and k.get("kid") == kid]
     keys = [k for k in keys if k.get("alg") in (None, alg) and k.get("use") in (None, "sig")]
     if not keys:
         raise AuthError(401, "no key in the issuer's JWKS matches the token's kid/alg")

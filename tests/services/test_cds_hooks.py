@@ -78,6 +78,13 @@ def app_of(client: TestClient) -> FastAPI:
     return app
 
 
+def allow_fhir_server(client: TestClient, ehr: FhirTestServer) -> None:
+    """Put the test FHIR server's loopback origin on the app's outbound allow-list."""
+    app = app_of(client)
+    app.state.settings = app.state.settings.model_copy(update={
+        "outbound_allowed_origins": [ehr.base_url.removesuffix("/fhir")]})
+
+
 def set_clock(client: TestClient, when: datetime) -> None:
     service: PredictionService = app_of(client).state.predictions
     service.clock = lambda: when
@@ -295,6 +302,7 @@ def test_hook_reuses_a_fresh_prediction_only_for_the_same_data(
 def test_hook_fetches_synthea_patient_from_the_fhir_server(
         client: TestClient, ehr: FhirTestServer, synth: SynthModel, tmp_path: Path) -> None:
     set_clock(client, CARLOTA_NOW)
+    allow_fhir_server(client, ehr)
     seen = len(ehr.requests)
     r, ms = call(client, fetch_hook(ehr, CARLOTA))
     assert r.status_code == 200, r.text
@@ -369,13 +377,15 @@ def test_hook_fetches_synthea_patient_from_the_fhir_server(
     assert refused.probability is None and refused.attributes["age_band"] == "0-17"
 
     # The FHIR server refuses a wrong token: the data cannot be had (412), nothing stored.
+    # The message is the same for every failure: no status code (no port-scan oracle).
     before = ehr.unauthorized
     r, _ = call(client, fetch_hook(ehr, CARLOTA, token="stolen"))
     body = assert_outcome(r, 412, "fhirServer")
-    assert "401" in body["issue"][0]["diagnostics"] and ehr.unauthorized > before
+    refused = body["issue"][0]["diagnostics"]
+    assert "401" not in refused and ehr.unauthorized > before
     assert "stolen" not in r.text
     r, _ = call(client, fetch_hook(ehr, "no-such-patient"))
-    assert_outcome(r, 412, "fhirServer")
+    assert assert_outcome(r, 412, "fhirServer")["issue"][0]["diagnostics"] == refused
 
 
 def test_bad_hook_requests_are_operation_outcomes(client: TestClient, synth: SynthModel

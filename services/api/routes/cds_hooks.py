@@ -19,6 +19,7 @@ from services.api.deps import SessionDep, SettingsDep, base_url, read_limited_bo
 from services.api.errors import error_response
 from services.auth.principal import Principal, Role
 from services.cds_hooks import FeedbackRequest, HookError, HookRequest
+from services.outbound import Outbound
 from services.prediction import PredictionError, PredictionService
 from services.tables import PredictionRow
 
@@ -97,6 +98,7 @@ async def call_service(request: Request, service_id: str, principal: Hooker,
         root = base_url(request, settings, "")
         result = await run_in_threadpool(cds_hooks.handle_patient_view, session, service, hook,
                                          requested_by=principal.subject, base_url=root,
+                                         outbound=Outbound.from_settings(settings),
                                          reuse_within_s=settings.prediction_reuse_s)
     except HookError as exc:
         # An answered error must not commit: SessionDep commits whatever is left.
