@@ -37,6 +37,7 @@ from services.dimse import StoreSCP
 from services.jobs import JobWorker, register_builtin_handlers
 from services.mllp import MllpServer, hl7_handler
 from services.observability import Metrics, RequestContextMiddleware
+from services.outbound import Outbound
 from services.peer_access import check_listener_settings
 from services.prediction import PredictionService
 
@@ -48,8 +49,8 @@ def build_token_verifier(settings: Settings, local: LocalIssuer | None) -> Token
     issuers: list[TrustedIssuer] = []
     if settings.auth_issuer:
         if settings.auth_jwks_url:
-            issuers.append(TrustedIssuer(settings.auth_issuer,
-                                         jwks_from_url(settings.auth_jwks_url)))
+            jwks = jwks_from_url(settings.auth_jwks_url, outbound=Outbound.from_settings(settings))
+            issuers.append(TrustedIssuer(settings.auth_issuer, jwks, refresh=jwks.refresh))
         elif settings.auth_jwks_file:
             issuers.append(TrustedIssuer(settings.auth_issuer,
                                          jwks_from_file(settings.auth_jwks_file)))

@@ -7,6 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from pydantic import field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -129,6 +130,28 @@ class Settings(BaseSettings):
     access_log_checkpoint_interval_s: float = 300.0
     #: Secret for patient pseudonyms shown to compliance users; default: a key file.
     pseudonym_secret: str | None = None
+
+    # -- outbound requests (services/outbound.py) -----------------------------------------
+    #: Origins (``scheme://host[:port]``, a JSON list) the service may call: the EHRs'
+    #: FHIR servers named as CDS Hooks ``fhirServer``; any other is refused. The https
+    #: JWKS URL and token endpoint above allow their own origin for their own calls.
+    #: http only to loopback (``http://127.0.0.1:8080``, test servers, a TLS sidecar).
+    outbound_allowed_origins: list[str] = []
+    #: Let listed host names resolve to loopback or link-local addresses (169.254/16,
+    #: fe80::/10); off, only a listed literal loopback origin reaches this host.
+    outbound_allow_loopback: bool = False
+    #: Largest response body an outbound call reads (a JWKS: at most 64 KiB).
+    outbound_max_body_bytes: int = 16 * 1024 * 1024
+    #: One deadline in seconds for a whole outbound fetch: connect, headers and body, and
+    #: all pages of a CDS hook's fetch (a JWKS fetch: at most 5 s).
+    outbound_deadline_s: float = 15.0
+
+    @field_validator("outbound_allowed_origins")
+    @classmethod
+    def _check_outbound_origins(cls, value: list[str]) -> list[str]:
+        from services.outbound import check_allowed_origins
+
+        return check_allowed_origins(value)
 
     # -- transport security ------------------------------------------------------------
     #: Server certificate and key (PEM) for HTTPS, MLLP over TLS and DICOM TLS.
