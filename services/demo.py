@@ -128,7 +128,10 @@ def _demo_settings(out: Path) -> Settings:
     return Settings(environment="demo", database_url=f"sqlite:///{(out / 'clinfuse.db').resolve()}",
                     data_dir=(out / "service").resolve(), model_path=model.resolve(),
                     model_trusted_keys=[Path(f"{model}.key.pub").resolve()],
-                    cache_dir=(out / "cache").resolve(), host="127.0.0.1")
+                    cache_dir=(out / "cache").resolve(), host="127.0.0.1",
+                    # Served over plain http on loopback: a browser would not send a
+                    # Secure cookie back, so the demo (and only it) says so explicitly.
+                    session_cookie_secure=False)
 
 
 def _passwords(out: Path) -> dict[str, str]:
@@ -189,7 +192,8 @@ def service_environment(demo: DemoService) -> dict[str, str]:
     return {"CLINFUSE_ENVIRONMENT": s.environment, "CLINFUSE_DATABASE_URL": s.database_url,
             "CLINFUSE_DATA_DIR": str(s.data_dir), "CLINFUSE_MODEL_PATH": str(s.model_path),
             "CLINFUSE_MODEL_TRUSTED_KEYS": json.dumps([str(k) for k in s.model_trusted_keys]),
-            "CLINFUSE_CACHE_DIR": str(s.cache_dir)}
+            "CLINFUSE_CACHE_DIR": str(s.cache_dir),
+            "CLINFUSE_SESSION_COOKIE_SECURE": str(s.session_cookie_secure).lower()}
 
 
 def serve_demo(demo: DemoService, *, host: str = "127.0.0.1", port: int = 8000) -> None:

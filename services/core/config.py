@@ -7,7 +7,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -123,6 +123,25 @@ class Settings(BaseSettings):
     auth_token_endpoint: str | None = None
     #: The authorization endpoint for SMART App Launch; default: built-in.
     auth_authorize_endpoint: str | None = None
+    #: Failed local sign-ins per user name, within the window, before further tries of
+    #: that name get 429 (checked before the password is hashed).
+    sign_in_max_failures_per_user: int = 5
+    #: Failed local sign-ins per client address, within the window, before 429.
+    sign_in_max_failures_per_address: int = 20
+    #: The window, in seconds, over which failed sign-ins are counted.
+    sign_in_window_s: float = 900.0
+    #: Dashboard cookies (session, CSRF, launch) carry Secure. Only a plain-http loopback
+    #: demo sets false (``make demo`` does); production refuses false.
+    session_cookie_secure: bool = True
+
+    @model_validator(mode="after")
+    def _secure_cookies_in_production(self) -> Settings:
+        # A production dashboard is reached over https (directly or behind a proxy): a
+        # session cookie without Secure would also be sent over any plain-http request.
+        if self.environment == "production" and not self.session_cookie_secure:
+            raise ValueError("session_cookie_secure=false is for a plain-http loopback demo; "
+                             "production dashboards need Secure cookies (serve over https)")
+        return self
 
     #: Access-log checkpoints: every N entries or every S seconds, whichever comes first.
     access_log_checkpoint_every: int = 100
