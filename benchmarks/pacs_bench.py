@@ -23,6 +23,7 @@ from scripts.orthanc import ensure_installed, running_orthanc
 from scripts.pg_cluster import free_port
 from services.app import create_app
 from services.auth.principal import Role
+from services.auth.scopes import default_scopes
 from services.core.config import Settings
 from services.dicomweb import build_multipart
 from services.dimse import Peer, StoreSCP, send_instances
@@ -70,7 +71,8 @@ def run(quick: bool = False) -> dict[str, Any]:
     settings = Settings(database_url=f"sqlite:///{root / 'stow.db'}", data_dir=root / "stow",
                         max_upload_bytes=1 << 30)
     app = create_app(settings)
-    token = app.state.local_issuer.issue("bench", Role.integration)
+    token = app.state.local_issuer.issue("bench", Role.integration,
+                                         scope=default_scopes(Role.integration, system=True))
     server, thread = _serve(app, port)
     try:
         with httpx.Client(timeout=120, headers={"Authorization": f"Bearer {token}"}) as client:

@@ -578,8 +578,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", required=True, choices=["integration", "clinician", "compliance",
                                                      "admin"])
     p.add_argument("--scope", default=None,
-                   help="space-separated scopes it may ask for (default: system/*.read "
-                        "system/*.write)")
+                   help="space-separated scopes it may ask for (default: the role's, "
+                        "docs/security.md)")
     p.add_argument("--database-url", default=None)
     p.set_defaults(func=_clients_add)
 

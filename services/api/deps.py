@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
@@ -11,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from services.access_log import AccessLog
 from services.auth.principal import Principal, Role
+from services.auth.scopes import BODY_TYPES, Grants, Need
 from services.auth.tokens import AuthError, TokenVerifier
 from services.core.config import Settings
 from services.db import session_scope
@@ -63,18 +65,89 @@ def get_principal(request: Request,
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
 
-def require(*roles: Role) -> Any:
-    """A dependency admitting ``roles`` (and admin, who may do everything); 403 otherwise."""
+def require(*roles: Role, scope: Need) -> Any:
+    """A dependency admitting ``roles`` (and admin) whose token grants ``scope``; else 403.
+
+    Both are needed: the role says who the caller is, the token's SMART scopes what
+    this token may do (services.auth.scopes). When only the token's ``patient/``
+    scopes grant ``scope``, the caller is bound to its launch patient: checked here
+    against the path parameter ``scope.patient`` names, or by the route through
+    :func:`check_patient` (``Need.ROUTE``). The requirement is kept on the dependency
+    (``requirement``) for the route table in docs/security.md and its test.
+    """
     allowed = frozenset(roles) | {Role.admin}
 
-    def check(principal: PrincipalDep) -> Principal:
+    in_path = scope.patient not in (None, Need.ROUTE)
+
+    def check(request: Request, principal: PrincipalDep) -> Principal:
+        patient_id = str(request.path_params.get(str(scope.patient), ""))[:32] or None
+        if in_path:
+            # Set first, so that a refused attempt is logged against the patient too.
+            request.state.patient_id = patient_id
         if principal.role not in allowed:
             raise AuthError(403, f"the {principal.role.value} role may not use this route",
                             error="insufficient_scope")
+        bound = authorize(principal, scope)
+        request.state.bound_patient = bound
+        if bound is not None and in_path:
+            check_patient(request, patient_id)
         return principal
 
     check.__name__ = "require_" + "_".join(sorted(r.value for r in allowed))
+    check.requirement = Requirement(allowed, scope)  # type: ignore[attr-defined]
     return Depends(check)
+
+
+@dataclass(frozen=True)
+class Requirement:
+    """What a route declared through :func:`require`: roles (admin included) and scope."""
+
+    roles: frozenset[Role]
+    scope: Need
+
+
+def authorize(principal: Principal, need: Need) -> str | None:
+    """Check ``need`` against the token's scopes; the launch patient it is bound to, if any.
+
+    Raises AuthError 403 (``insufficient_scope``) naming the missing scopes, never a
+    patient.
+    """
+    grants = Grants.of(principal.scopes)
+    missing = need.missing(grants)
+    if not missing:
+        return None
+    if need.patient is not None and principal.patient and not need.missing(grants,
+                                                                            patient=True):
+        return principal.patient
+    context = "system" if principal.is_system else "user"
+    named = ", ".join(f"{context}/{m}" if "." in m else m for m in missing[:12])
+    if any(m.startswith(BODY_TYPES) for m in missing):
+        named += f" ({BODY_TYPES}: each resource type sent, or *)"
+    launch_scoped = any(s.context == "patient" for s in grants.resources)
+    hint = " (patient/ scopes do not reach this route: it is not about one patient)" \
+        if launch_scoped and need.patient is None else ""
+    raise AuthError(403, f"the token's scopes do not allow this route; it needs {named}"
+                         f"{hint}", error="insufficient_scope")
+
+
+def check_patient(request: Request, patient_id: str | None) -> None:
+    """403 when the caller is bound to a launch patient (``patient/`` scopes) and
+    ``patient_id`` is another (or unknown) patient."""
+    bound: str | None = getattr(request.state, "bound_patient", None)
+    if bound is not None and patient_id != bound:
+        raise AuthError(403, "the token's patient/ scopes reach only its launch patient, "
+                             "not this one", error="insufficient_scope")
+
+
+def check_scopes(principal: Principal, need: Need) -> None:
+    """``need`` (user/ or system/ scopes only) once the route knows it, e.g. the
+    resource types of a posted Bundle; 403 naming what is missing."""
+    authorize(principal, Need(need.resources, need.custom, need.body))
+
+
+def body_need(types: Iterable[str], letters: str) -> Need:
+    """``letters`` on each resource type a request body carries."""
+    return Need(tuple((t, letters) for t in sorted(set(types))))
 
 
 def get_access_log(request: Request) -> AccessLog:

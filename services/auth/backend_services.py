@@ -10,6 +10,7 @@ from sqlalchemy.orm import Session
 
 from services.auth.passwords import hash_password, verify_password
 from services.auth.principal import Role
+from services.auth.scopes import default_scopes, narrow
 from services.auth.tokens import AuthError, LocalIssuer, OneTimeIds
 from services.tables import ClientRow, UserRow
 
@@ -42,8 +43,11 @@ def add_user(session: Session, username: str, password: str, role: Role,
 
 
 def register_client(session: Session, client_id: str, jwks: dict[str, Any], role: Role,
-                    scope: str = "system/*.read system/*.write") -> ClientRow:
-    """Register (or update) a backend client and the public keys that authenticate it."""
+                    scope: str | None = None) -> ClientRow:
+    """Register (or update) a backend client and the public keys that authenticate it.
+
+    ``scope``: what it may ask for; default its role's (services.auth.scopes.ROLE_SCOPES).
+    """
     keys = jwks.get("keys") if isinstance(jwks, dict) else None
     if not isinstance(keys, list) or not keys:
         raise ValueError("the client's JWKS needs a non-empty 'keys' list")
@@ -54,7 +58,8 @@ def register_client(session: Session, client_id: str, jwks: dict[str, Any], role
     if row is None:
         row = ClientRow(client_id=client_id)
         session.add(row)
-    row.jwks, row.role, row.scope = {"keys": keys}, role.value, scope
+    row.jwks, row.role = {"keys": keys}, role.value
+    row.scope = scope if scope is not None else default_scopes(role, system=True)
     session.flush()
     return row
 
@@ -70,7 +75,7 @@ def password_grant(session: Session, issuer: LocalIssuer, username: str, passwor
     stored = user.password_hash if user is not None else _DUMMY_HASH
     if not verify_password(stored, password) or user is None:
         raise AuthError(401, "unknown user or wrong password", error="invalid_grant")
-    scope = "openid fhirUser user/*.read"
+    scope = f"openid fhirUser {default_scopes(Role(user.role), system=False)}"
     token = issuer.issue(username, Role(user.role), scope=scope, ttl_s=ttl_s,
                          extra={"name": user.display_name or username})
     return _token_response(token, ttl_s, scope)
@@ -121,13 +126,14 @@ def client_credentials_grant(session: Session, issuer: LocalIssuer, assertion: s
                         error="invalid_client")
     if not _seen_jti.claim(f"{client.client_id}:{claims['jti']}", float(claims["exp"])):
         raise AuthError(401, "client_assertion jti was already used", error="invalid_client")
-    allowed = set(client.scope.split())
-    requested = set(scope.split()) if scope else allowed
-    granted = requested & allowed
+    # What it asks for, as far as its registration covers it (system/Observation.rs is
+    # covered by system/*.crus); nothing asked: all it may have.
+    allowed = client.scope.split()
+    granted = narrow(scope.split() if scope else allowed, allowed)
     if not granted:
         raise AuthError(400, "none of the requested scopes is allowed for this client",
                         error="invalid_scope")
-    scope_text = " ".join(sorted(granted))
+    scope_text = " ".join(granted)
     token = issuer.issue(client.client_id, Role(client.role), scope=scope_text,
                          client_id=client.client_id, ttl_s=ttl_s)
     return _token_response(token, ttl_s, scope_text)

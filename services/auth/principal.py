@@ -29,6 +29,9 @@ class Principal:
     client_id: str | None = None
     scopes: frozenset[str] = field(default_factory=frozenset)
     issuer: str | None = None
+    #: The token's SMART launch context (``patient`` claim): the one patient its
+    #: ``patient/`` scopes reach (services.auth.scopes).
+    patient: str | None = None
 
     @property
     def is_system(self) -> bool:

@@ -37,6 +37,13 @@ from sqlalchemy.orm import Session
 
 from services.auth.passwords import verify_password
 from services.auth.principal import Role
+from services.auth.scopes import (
+    CLINFUSE_SCOPES,
+    IDENTITY_SCOPES,
+    default_scopes,
+    narrow,
+    parse_scope,
+)
 from services.auth.tokens import AuthError, LocalIssuer, OneTimeIds
 from services.tables import PatientRow, UserRow
 
@@ -199,7 +206,8 @@ def parse_authorization_request(params: dict[str, str], *, issuer: LocalIssuer, 
         raise RedirectableError(redirect_uri, state, "invalid_request",
                                 "aud must be this service's FHIR base URL")
     requested = params.get("scope", "").split()
-    unknown = [s for s in requested if s not in _SCOPES]
+    unknown = [s for s in requested if s not in _SCOPES and s not in CLINFUSE_SCOPES and (
+        (p := parse_scope(s)) is None or p.context == "system")]
     if unknown or not requested:
         raise RedirectableError(redirect_uri, state, "invalid_scope",
                                 f"unsupported scope(s) {unknown[:3]}" if unknown
@@ -270,7 +278,9 @@ def exchange_code(session: Session, issuer: LocalIssuer, *, code: str, redirect_
     patient = claims.get("patient")
     if patient is not None and session.get(PatientRow, str(patient)) is None:
         raise AuthError(400, "the launch's patient is not known here", error="invalid_grant")
-    scope = str(claims.get("scope", ""))
+    # What was consented to, as far as the user's role may have it (services.auth.scopes).
+    scope = " ".join(narrow(str(claims.get("scope", "")).split(), [
+        *IDENTITY_SCOPES, *default_scopes(Role(user.role), system=False).split()]))
     extra: dict[str, Any] = {"name": user.display_name or user.username}
     if patient is not None:
         extra["patient"] = patient

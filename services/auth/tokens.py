@@ -109,7 +109,7 @@ class TokenVerifier:
         return Principal(subject=str(claims["sub"]), role=self._role(claims),
                          client_id=claims.get("client_id"),
                          scopes=frozenset(str(claims.get("scope", "")).split()),
-                         issuer=trusted.issuer)
+                         issuer=trusted.issuer, patient=_launch_patient(claims))
 
     def _role(self, claims: dict[str, Any]) -> Role:
         value = claims.get(self.role_claim)
@@ -121,6 +121,12 @@ class TokenVerifier:
         # Several roles: the token holder acts with the broadest one it was granted.
         order = [Role.admin, Role.integration, Role.clinician, Role.compliance]
         return min(known, key=order.index)
+
+
+def _launch_patient(claims: dict[str, Any]) -> str | None:
+    """The SMART launch context's ``patient`` (what ``patient/`` scopes reach), if any."""
+    patient = claims.get("patient")
+    return patient if isinstance(patient, str) and patient else None
 
 
 def _key_for(jwks: dict[str, Any], kid: str | None, alg: str,

@@ -45,8 +45,9 @@ STATIC_DIR = Path(__file__).parent / "static"
 _STATIC_TYPES = {".css": "text/css; charset=utf-8", ".js": "text/javascript; charset=utf-8",
                  ".svg": "image/svg+xml", ".png": "image/png", ".ico": "image/x-icon"}
 LAUNCH_COOKIE = "clinfuse_launch"
-#: What the dashboard asks for in a SMART launch: patient context and read access.
-LAUNCH_SCOPE = "launch openid fhirUser patient/*.read"
+#: What the dashboard asks for in a SMART launch: patient context, read access to that
+#: patient, and feedback on its predictions (services.dashboard.access).
+LAUNCH_SCOPE = "launch openid fhirUser patient/*.rs clinfuse/feedback"
 
 
 def _home_for(principal: Principal) -> str:

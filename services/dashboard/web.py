@@ -27,6 +27,7 @@ from starlette.responses import RedirectResponse, Response
 from services.auth.principal import Principal, Role
 from services.auth.tokens import AuthError, TokenVerifier
 from services.core.config import Settings
+from services.dashboard import access
 
 __all__ = ["CSRF_COOKIE", "SESSION_COOKIE", "DashboardError", "DashboardRoute", "Forbidden",
            "LoginRequired", "UserDep", "csrf_token", "finish", "render", "templates"]
@@ -224,6 +225,10 @@ def current_user(request: Request) -> Principal:
         raise Forbidden("System clients cannot use the dashboard.")
     # The access-log middleware records every request that has a principal.
     request.state.principal = principal
+    # Role and token scopes of this page (services.dashboard.access), as require() for the API.
+    refusal = access.enforce(request, principal)
+    if refusal is not None:
+        raise Forbidden(refusal)
     return principal
 
 

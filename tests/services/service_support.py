@@ -7,11 +7,16 @@ from typing import Any
 from fastapi import FastAPI
 
 from services.auth.principal import Role
+from services.auth.scopes import default_scopes
 
 
-def bearer(app: FastAPI, role: Role, subject: str | None = None) -> dict[str, str]:
-    """An Authorization header with a token from the app's built-in issuer."""
-    token = app.state.local_issuer.issue(subject or f"test-{role.value}", role)
+def bearer(app: FastAPI, role: Role, subject: str | None = None,
+           scope: str | None = None) -> dict[str, str]:
+    """An Authorization header with a token from the app's built-in issuer; ``scope``:
+    default the role's own (what every issuer of the project gives it)."""
+    token = app.state.local_issuer.issue(
+        subject or f"test-{role.value}", role,
+        scope=default_scopes(role, system=False) if scope is None else scope)
     return {"Authorization": f"Bearer {token}"}
 
 

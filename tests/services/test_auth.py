@@ -29,8 +29,9 @@ HOSPITAL = "https://idp.hospital.example/realms/clinical"
 
 
 def _settings(engine: Engine, tmp_path: Path, **extra: Any) -> Settings:
+    # The public URL decides the token endpoint a client assertion's aud must name.
     return Settings(database_url=engine.url.render_as_string(hide_password=False),
-                    data_dir=tmp_path / "data", **extra)
+                    data_dir=tmp_path / "data", public_base_url="http://testserver", **extra)
 
 
 @pytest.fixture
@@ -216,7 +217,8 @@ def _idp_token(key: Any, *, alg: str = "RS256", kid: str = "idp-2026",
                **overrides: Any) -> str:
     now = int(time.time())
     claims = {"iss": HOSPITAL, "aud": "clinfuse-prod", "sub": "u-1234", "iat": now,
-              "exp": now + 300, "clinfuse_role": ["compliance"], **overrides}
+              "exp": now + 300, "clinfuse_role": ["compliance"],
+              "scope": "clinfuse/audit clinfuse/access-log", **overrides}
     return jwt.encode(claims, key, algorithm=alg, headers={"kid": kid})
 
 

@@ -25,6 +25,7 @@ from sqlalchemy import Engine, func, select, text
 
 from scripts.pg_cluster import free_port
 from services.auth.principal import Role
+from services.auth.scopes import default_scopes
 from services.auth.tokens import LocalIssuer
 from services.dicomweb import build_multipart
 from services.dimse import Peer, send_instances
@@ -93,7 +94,9 @@ class ServerProcess:
         # an identity provider would.
         issuer = LocalIssuer(self.root / "data" / "keys" / "builtin-issuer-es384.pem",
                              "urn:clinfuse:builtin-issuer", "clinfuse")
-        return {"Authorization": f"Bearer {issuer.issue(f'proc-{role.value}', role)}"}
+        token = issuer.issue(f"proc-{role.value}", role,
+                             scope=default_scopes(role, system=False))
+        return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from fhir_adapters.record import ensure_utc
 from services.access_log import AccessLog, pseudonym, verify_chain
 from services.api.deps import MAX_OFFSET, SessionDep, SettingsDep, require
 from services.auth.principal import Principal, Role
+from services.auth.scopes import Need
 from services.core.config import Settings
 from services.tables import AccessLogRow
 
@@ -29,7 +30,7 @@ router = APIRouter(prefix="/access-log", tags=["Access log"],
                    responses={401: {"description": "no valid bearer token"},
                               403: {"description": "only compliance and admin may read the "
                                                    "access log"}})
-Reviewer = Annotated[Principal, require(Role.compliance)]
+Reviewer = Annotated[Principal, require(Role.compliance, scope=Need.of("clinfuse/access-log"))]
 
 PSEUDONYM_KEY_FILE = "pseudonym.key"
 

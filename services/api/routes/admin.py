@@ -11,9 +11,11 @@ from pydantic import BaseModel, Field
 from services import model_registry
 from services.api.deps import PrincipalDep, SessionDep, require
 from services.auth.principal import Role
+from services.auth.scopes import Need
 from services.tables import ModelActivationRow
 
-router = APIRouter(prefix="/admin", tags=["Admin"], dependencies=[require(Role.admin)],
+router = APIRouter(prefix="/admin", tags=["Admin"],
+                   dependencies=[require(Role.admin, scope=Need.of("clinfuse/admin"))],
                    responses={401: {"description": "no valid bearer token"},
                               403: {"description": "only admins may change the model"}})
 

@@ -20,6 +20,7 @@ from services import audit_service
 from services.api.deps import MAX_OFFSET, SessionDep, SettingsDep, require
 from services.audit_service import AuditParams, AuditServiceError
 from services.auth.principal import Principal, Role
+from services.auth.scopes import Need
 from services.cohort_export import BUILTIN_OUTCOMES, OutcomeDefinition
 from services.core.config import Settings
 from services.tables import AuditRow
@@ -27,7 +28,7 @@ from services.tables import AuditRow
 router = APIRouter(prefix="/audits", tags=["Audits"],
                    responses={401: {"description": "no valid bearer token"},
                               403: {"description": "only compliance and admin may use audits"}})
-AUDITOR = require(Role.compliance)
+AUDITOR = require(Role.compliance, scope=Need.of("clinfuse/audit"))
 Auditor = Annotated[Principal, AUDITOR]
 
 _EXAMPLE_WINDOW = {"window_start": "2026-10-01T00:00:00Z", "window_end": "2026-11-01T00:00:00Z"}

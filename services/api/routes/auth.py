@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from services.api.deps import SessionDep, SettingsDep, base_url
 from services.auth import backend_services, smart_launch
+from services.auth.scopes import CLINFUSE_SCOPES
 from services.auth.tokens import AuthError
 
 router = APIRouter(tags=["Authorization"])
@@ -135,9 +136,12 @@ def smart_configuration(request: Request, settings: SettingsDep) -> dict[str, An
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],
         "token_endpoint_auth_signing_alg_values_supported": ["RS384", "ES384"],
         "grant_types_supported": ["client_credentials", "authorization_code"],
-        "scopes_supported": ["system/*.read", "system/*.write", "user/*.read",
-                             "patient/*.read", "launch", "launch/patient", "openid",
-                             "fhirUser"],
+        # SMART v2 (and v1) resource scopes and clinfuse's own; docs/security.md has
+        # which route needs which (services.auth.scopes).
+        "scopes_supported": ["system/*.crus", "system/*.rs", "user/*.crus", "user/*.rs",
+                             "patient/*.rs", "system/*.read", "system/*.write",
+                             "user/*.read", "patient/*.read", *CLINFUSE_SCOPES, "launch",
+                             "launch/patient", "openid", "fhirUser"],
         "response_types_supported": ["code"],
         "code_challenge_methods_supported": ["S256"],
         "capabilities": ["client-confidential-asymmetric", "permission-v2",

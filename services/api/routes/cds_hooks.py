@@ -18,6 +18,7 @@ from services import cds_hooks
 from services.api.deps import SessionDep, SettingsDep, base_url, read_limited_body, require
 from services.api.errors import error_response
 from services.auth.principal import Principal, Role
+from services.auth.scopes import Need
 from services.cds_hooks import FeedbackRequest, HookError, HookRequest
 from services.outbound import Outbound
 from services.prediction import PredictionError, PredictionService
@@ -27,9 +28,13 @@ router = APIRouter(prefix="/cds-services", tags=["CDS Hooks"],
                    responses={401: {"description": "no valid bearer token"},
                               403: {"description": "the role may not use this route"}})
 
-Ehr = Annotated[Principal, require(Role.integration, Role.clinician)]
-Hooker = Annotated[Principal, require(Role.integration)]
-FeedbackGiver = Annotated[Principal, require(Role.integration, Role.clinician)]
+Ehr = Annotated[Principal, require(Role.integration, Role.clinician,
+                                   scope=Need.of("clinfuse/cds-hooks"))]
+#: A hook call stores the prefetched record and a RiskAssessment.
+Hooker = Annotated[Principal, require(Role.integration, scope=Need.of(
+    "clinfuse/cds-hooks", "record.cu", "RiskAssessment.c"))]
+FeedbackGiver = Annotated[Principal, require(Role.integration, Role.clinician,
+                                             scope=Need.of("clinfuse/feedback"))]
 
 _CARD_EXAMPLE = {"cards": [{
     "uuid": "9368d37b-283f-44a0-93ea-547cebab93ed",

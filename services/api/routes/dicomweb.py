@@ -18,14 +18,19 @@ from services.api.deps import (
     require,
 )
 from services.auth.principal import Role
+from services.auth.scopes import Need
 
 PREFIX = "/dicomweb"
 router = APIRouter(prefix=PREFIX, tags=["DICOMweb"],
                    responses={401: {"description": "no valid bearer token"},
                               403: {"description": "the role may not use this route"}})
 #: STOW is how integration systems send images; reading is for them and for clinicians.
-WRITE = require(Role.integration)
-READ = require(Role.integration, Role.clinician)
+#: A DICOM study is FHIR's ImagingStudy, so its scopes are ImagingStudy's: QIDO searches
+#: (s), WADO reads (r), STOW creates or adds to a study (cu). The routes span patients
+#: (a search is archive-wide), so patient/ scopes do not reach them.
+WRITE = require(Role.integration, scope=Need.of("ImagingStudy.cu"))
+SEARCH = require(Role.integration, Role.clinician, scope=Need.of("ImagingStudy.s"))
+READ = require(Role.integration, Role.clinician, scope=Need.of("ImagingStudy.r"))
 
 
 class DicomJSONResponse(JSONResponse):
@@ -60,7 +65,7 @@ _METADATA_RESPONSES: dict[int | str, dict[str, Any]] = {
     **_NOT_FOUND}
 write = partial(router.post, dependencies=[WRITE], response_class=DicomJSONResponse,
                 openapi_extra=_STOW_BODY, responses=_STOW_RESPONSES)
-search = partial(router.get, dependencies=[READ], response_class=DicomJSONResponse,
+search = partial(router.get, dependencies=[SEARCH], response_class=DicomJSONResponse,
                  responses=_SEARCH_RESPONSES)
 retrieve = partial(router.get, dependencies=[READ], response_class=StreamingResponse,
                    responses=_RETRIEVE_RESPONSES)

@@ -30,9 +30,19 @@ from starlette.concurrency import run_in_threadpool
 
 from fhir_adapters.errors import IngestError, Issue
 from services import ndjson_import, record_store
-from services.api.deps import SessionDep, SettingsDep, base_url, read_limited_body, require
+from services.api.deps import (
+    PrincipalDep,
+    SessionDep,
+    SettingsDep,
+    base_url,
+    body_need,
+    check_scopes,
+    read_limited_body,
+    require,
+)
 from services.api.errors import FHIR_JSON
-from services.auth.principal import Role
+from services.auth.principal import Principal, Role
+from services.auth.scopes import Need, bundle_types
 from services.body_encoding import ContentEncodingError, decoded_body
 from services.record_store import EntryResult, IngestResult
 
@@ -42,9 +52,10 @@ router = APIRouter(prefix=PREFIX, tags=["FHIR"],
                    responses={401: {"description": "no valid bearer token (OperationOutcome)"},
                               403: {"description": "the role may not use this route "
                                                    "(OperationOutcome)"}})
-#: Integration engines write; clinicians (and integration) read.
-WRITE = require(Role.integration)
-READ = require(Role.integration, Role.clinician)
+#: Integration engines write (create and update, since storing is an upsert by business
+#: identifier) every resource type they send; clinicians (and integration) read.
+WRITE = require(Role.integration, scope=Need.of(body="cu"))
+READ = require(Role.integration, Role.clinician, scope=Need.of("Patient.r", patient="id"))
 
 JSON_TYPES = frozenset({"application/fhir+json", "application/json", "application/json+fhir"})
 NDJSON_TYPES = frozenset({"application/fhir+ndjson", "application/ndjson",
@@ -189,12 +200,13 @@ def wake_jobs(request: Request) -> None:
         jobs.wake()
 
 
-def _ingest_bundle(session: Session, bundle: Any, body: bytes
+def _ingest_bundle(session: Session, principal: Principal, bundle: Any, body: bytes
                    ) -> tuple[str, IngestResult | list[EntryResult | IngestError]]:
     if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
         raise IngestError(Issue("not-supported", "POST /fhir takes a Bundle (transaction, "
                                 "batch, collection or searchset); got something else",
                                 "resourceType"))
+    check_scopes(principal, body_need(bundle_types(bundle), "cu"))
     if bundle.get("type") == "batch":
         return "batch", committed(session, lambda: record_store.ingest_batch(session, bundle))
     return "transaction", committed(
@@ -222,13 +234,14 @@ def _ingest_bundle(session: Session, bundle: Any, body: bytes
                      "content": {FHIR_JSON: {"example": _RESPONSE_EXAMPLE}}},
                400: _OUTCOME, 413: {"description": "the body exceeds the upload limit"},
                415: {"description": "not application/fhir+json"}, 422: _OUTCOME})
-async def post_bundle(request: Request, session: SessionDep,
-                      settings: SettingsDep) -> JSONResponse:
+async def post_bundle(request: Request, session: SessionDep, settings: SettingsDep,
+                      principal: PrincipalDep) -> JSONResponse:
     require_media_type(request, JSON_TYPES)
     body = await read_limited_body(request, settings.max_upload_bytes)
     try:
         bundle = parse_json(body)
-        kind, result = await run_in_threadpool(_ingest_bundle, session, bundle, body)
+        kind, result = await run_in_threadpool(_ingest_bundle, session, principal, bundle,
+                                               body)
     except IngestError as exc:
         return outcome_response(exc)
     wake_jobs(request)
@@ -280,8 +293,8 @@ _IMPORT_WARNED = {"resourceType": "OperationOutcome", "issue": [
                                     "to, exceeds the upload limit"},
                415: {"description": "not application/fhir+ndjson, or a Content-Encoding "
                                     "other than gzip"}, 422: _OUTCOME})
-async def import_ndjson(request: Request, session: SessionDep,
-                        settings: SettingsDep) -> JSONResponse:
+async def import_ndjson(request: Request, session: SessionDep, settings: SettingsDep,
+                        principal: PrincipalDep) -> JSONResponse:
     require_media_type(request, NDJSON_TYPES)
     body = await read_limited_body(request, settings.max_upload_bytes)
     try:
@@ -290,9 +303,17 @@ async def import_ndjson(request: Request, session: SessionDep,
                             max_bytes=settings.max_upload_bytes)
     except ContentEncodingError as exc:
         raise HTTPException(exc.status, exc.detail) from None
+
+    def store() -> ndjson_import.NdjsonImport:
+        stored = ndjson_import.import_ndjson(session, body)
+        # The file's types are known once its lines are read: a type the token may not
+        # write refuses the whole file, rolled back by committed().
+        check_scopes(principal, body_need({e.resource_type for e in stored.result.entries},
+                                          "cu"))
+        return stored
+
     try:
-        stored = await run_in_threadpool(
-            committed, session, lambda: ndjson_import.import_ndjson(session, body))
+        stored = await run_in_threadpool(committed, session, store)
     except IngestError as exc:
         return outcome_response(exc)
     wake_jobs(request)

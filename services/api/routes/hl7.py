@@ -17,10 +17,14 @@ from services import record_store
 from services.api.deps import SessionDep, SettingsDep, read_limited_body, require
 from services.api.routes.fhir_ingest import committed, require_media_type, wake_jobs
 from services.auth.principal import Role
+from services.auth.scopes import Need
 
 #: The HL7 over HTTP media type for ER7 (pipe-and-hat) messages.
 ER7 = "x-application/hl7-v2+er7"
 ER7_TYPES = frozenset({ER7, "application/hl7-v2+er7", "application/hl7-v2"})
+#: What HL7 v2 messages become (fhir_adapters.hl7v2_to_fhir): creates and updates of these
+#: types; A40 merges and A11/A13 cancellations mark rows, they delete nothing.
+WRITES = Need.of("Patient.cu", "Encounter.cu", "Observation.cu", "DocumentReference.cu")
 router = APIRouter(tags=["HL7 v2"],
                    responses={401: {"description": "no valid bearer token"},
                               403: {"description": "the role may not use this route"}})
@@ -44,7 +48,7 @@ _ACK = ("MSH|^~\\&|CLINFUSE|CLINFUSE|LAB|HOSP|20260102030401+0000||ACK^R01^ACK|"
                 "and the message is still taken: AA with one ERR of severity W (ERR-4) per "
                 "element left out. AE or AR only when nothing could be stored. ERR segments "
                 "locate the segment and field, never a value.",
-    dependencies=[require(Role.integration)],
+    dependencies=[require(Role.integration, scope=WRITES)],
     openapi_extra={"requestBody": {"required": True, "content": {ER7: {
         "schema": {"type": "string"}, "example": _EXAMPLE}}}},
     responses={200: {"description": "the ACK (MSA-1 AA) or NAK (AE/AR), as ER7",

@@ -13,10 +13,18 @@ name               value            when
                    ``ment``         ``url`` = ``/predictions/{id}``, where it is JSON)
 ``refusal``        ``valueString``  not scored: why (outside the model's population,
                                     no input)
+``stored``         ``valueBoolean`` ``false`` when nothing was stored (then there is no
+                                    ``prediction`` and no explanation ``url``)
 =================  ===============  ==================================================
 
 A refusal is an answer, not an error: it is stored (audits count refusals) and
 answered with 200. URLs carry opaque patient ids, never an MRN.
+
+Storing needs a writing role: with a Bundle, only the integration (and admin) role,
+whose token may also create and update the Bundle's resource types and
+RiskAssessment, stores the Bundle and the prediction. A clinician's Bundle is scored
+in memory and nothing is stored (:mod:`services.unsaved_prediction`), so a read role
+never writes through ``$predict``.
 """
 
 from __future__ import annotations
@@ -42,18 +50,24 @@ from services.api.deps import (
     SessionDep,
     SettingsDep,
     base_url,
+    body_need,
+    check_patient,
+    check_scopes,
     read_limited_body,
     require,
 )
 from services.api.errors import FHIR_JSON, error_response
 from services.auth.principal import Principal, Role
+from services.auth.scopes import Need, bundle_types
 from services.prediction import (
     PatientNotFound,
+    Prediction,
     PredictionError,
     PredictionService,
     indicator_for,
 )
 from services.tables import FeedbackRow, PredictionRow
+from services.unsaved_prediction import NotOnePatient, score_bundle
 
 router = APIRouter(prefix="/fhir", tags=["Predictions"],
                    responses={401: {"description": "no valid bearer token"},
@@ -64,8 +78,23 @@ json_router = APIRouter(prefix="/predictions", tags=["Predictions"],
                         responses={401: {"description": "no valid bearer token"},
                                    403: {"description": "the role may not use this route"}})
 
-Predictor = Annotated[Principal, require(Role.integration, Role.clinician)]
-Reader = Annotated[Principal, require(Role.clinician, Role.integration)]
+#: $predict reads the patient's record and stores a RiskAssessment.
+Predictor = Annotated[Principal, require(
+    Role.integration, Role.clinician,
+    scope=Need.of("record.r", "RiskAssessment.c", patient="patient_id"))]
+#: $predict with a Bundle reads the posted record; storing it needs more (STORING).
+BundlePredictor = Annotated[Principal, require(
+    Role.integration, Role.clinician, scope=Need.of(
+        "record.r", note="storing (integration, admin): also <Type>.cu and "
+                         "RiskAssessment.c; a clinician's Bundle is scored, not stored"))]
+#: Who stores a posted Bundle and its prediction; on top, their token needs this and
+#: create/update on each of the Bundle's resource types.
+WRITING_ROLES = frozenset({Role.integration, Role.admin})
+STORING = Need.of("RiskAssessment.c")
+Searcher = Annotated[Principal, require(Role.clinician, Role.integration,
+                                        scope=Need.of("RiskAssessment.s", patient=Need.ROUTE))]
+Reader = Annotated[Principal, require(Role.clinician, Role.integration,
+                                      scope=Need.of("RiskAssessment.r", patient=Need.ROUTE))]
 OpaqueId = Annotated[str, Path(pattern=r"^[0-9a-f]{32}$", description="opaque id")]
 
 
@@ -122,6 +151,23 @@ def _parameters(row: PredictionRow, root: str) -> dict[str, Any]:
             "title": "clinfuse explanation"}})
     if row.refusal is not None:
         params.append({"name": "refusal", "valueString": row.refusal})
+    return {"resourceType": "Parameters", "parameter": params}
+
+
+def _unsaved_parameters(result: Prediction) -> dict[str, Any]:
+    """The Parameters of a prediction that was not stored: no id to fetch it by."""
+    params: list[dict[str, Any]] = []
+    if result.risk_assessment is not None:
+        params.append({"name": "riskAssessment", "resource": result.risk_assessment})
+    if result.explanation is not None:
+        data = base64.b64encode(json.dumps(result.explanation, separators=(",", ":"),
+                                           default=str).encode()).decode("ascii")
+        params.append({"name": "explanation", "valueAttachment": {
+            "contentType": "application/json", "data": data,
+            "title": "clinfuse explanation"}})
+    if result.refusal is not None:
+        params.append({"name": "refusal", "valueString": result.refusal})
+    params.append({"name": "stored", "valueBoolean": False})
     return {"resourceType": "Parameters", "parameter": params}
 
 
@@ -213,13 +259,15 @@ async def predict_patient(request: Request, patient_id: OpaqueId, principal: Pre
                           {"system": "urn:oid:2.16.840.1.113883.3.9999.1",
                            "value": "MRN1234"}], "birthDate": "1950-04-02"},
                       "request": {"method": "POST", "url": "Patient"}}]}}}}})
-async def predict_bundle(request: Request, principal: Predictor, session: SessionDep,
+async def predict_bundle(request: Request, principal: BundlePredictor, session: SessionDep,
                          settings: SettingsDep, service: PredictionsDep) -> JSONResponse:
     """Ingest one patient's Bundle (transaction or collection: all or nothing), then predict.
 
     The body is the Bundle, or a ``Parameters`` with the Bundle as ``bundle`` (resource)
-    and an optional ``indexTime``. The data is stored like any FHIR ingest, so the
-    patient's stored record (including earlier data) is what the model sees.
+    and an optional ``indexTime``. For the integration and admin roles the data is
+    stored like any FHIR ingest, so the patient's stored record (including earlier data)
+    is what the model sees. Any other role's Bundle is scored as posted, in memory, and
+    nothing is stored (``stored`` false in the answer).
     """
     request.state.access_action = "predict"
     body = await _json_body(request, settings.max_upload_bytes, required=True)
@@ -236,6 +284,10 @@ async def predict_bundle(request: Request, principal: Predictor, session: Sessio
     if bundle.get("resourceType") != "Bundle" or bundle.get("type") == "batch":
         raise HTTPException(400, "$predict takes one patient's transaction or collection "
                                  "Bundle")
+    if principal.role not in WRITING_ROLES:
+        return await _score_unsaved(request, service, bundle, index_time)
+    check_scopes(principal, Need(body_need(bundle_types(bundle), "cu").resources
+                                 + STORING.resources))
 
     def ingest_and_predict() -> PredictionRow:
         try:
@@ -263,6 +315,20 @@ async def predict_bundle(request: Request, principal: Predictor, session: Sessio
     return _fhir(_parameters(row, base_url(request, settings, "")))
 
 
+async def _score_unsaved(request: Request, service: PredictionService, bundle: dict[str, Any],
+                         index_time: datetime | None) -> JSONResponse:
+    try:
+        result = await run_in_threadpool(score_bundle, service, bundle, index_time=index_time)
+    except IngestError as exc:
+        return error_response(request, 400, "the Bundle is not valid FHIR R4 patient data",
+                              issues=exc.issues)
+    except NotOnePatient as exc:
+        raise HTTPException(400, str(exc)) from None
+    except PredictionError as exc:
+        raise HTTPException(422, str(exc)) from None
+    return _fhir(_unsaved_parameters(result))
+
+
 class _IngestFailed(Exception):
     def __init__(self, error: IngestError) -> None:
         super().__init__("ingest failed")
@@ -279,7 +345,7 @@ class _IngestFailed(Exception):
                                             "search": {"mode": "match"}}]}}}},
                        400: {"description": "no subject given (OperationOutcome)"}})
 def search_risk_assessments(
-        request: Request, principal: Reader, session: SessionDep, settings: SettingsDep,
+        request: Request, principal: Searcher, session: SessionDep, settings: SettingsDep,
         subject: Annotated[str | None, Query(description="Patient/{opaque id}",
                                              max_length=128)] = None,
         patient: Annotated[str | None, Query(description="the same, as a bare id",
@@ -292,6 +358,7 @@ def search_risk_assessments(
         raise HTTPException(400, "subject (Patient/{id}) is required: RiskAssessments are "
                                  "searched per patient")
     patient_id = ref.removeprefix("Patient/")
+    check_patient(request, patient_id)
     root = base_url(request, settings, "")
     if len(patient_id) != 32 or not all(c in "0123456789abcdef" for c in patient_id):
         rows: list[PredictionRow] = []
@@ -372,6 +439,7 @@ def get_prediction(request: Request, prediction_id: OpaqueId, principal: Reader,
     row = session.get(PredictionRow, prediction_id)
     if row is None:
         raise HTTPException(404, "no prediction with this id")
+    check_patient(request, row.patient_id)
     request.state.patient_id = row.patient_id
     thresholds = {k: float(v["threshold"]) for k, v in (row.decisions or {}).items()
                   if isinstance(v, dict) and v.get("threshold") is not None}
