@@ -36,7 +36,15 @@ __all__ = ["JsonFormatter", "Metrics", "RequestContextMiddleware", "configure_lo
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                            default=None)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: The methods that get a label of their own; any other string a client sends is
+#: "other", so made-up methods cannot grow the metrics (one series per label set).
+METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 log = logging.getLogger("clinfuse.http")
+
+
+def method_label(method: str) -> str:
+    """The request method as a metric and log label: a fixed set, else ``other``."""
+    return method if method in METRIC_METHODS else "other"
 
 
 class JsonFormatter(logging.Formatter):
@@ -141,11 +149,14 @@ class RequestContextMiddleware(BaseHTTPMiddleware):
             return response
         finally:
             elapsed = time.perf_counter() - started
+            # Labels from fixed sets only: the route template (never the raw path) and
+            # the method label; anyone can send any method, and each would be a series.
             route = route_template(request)
+            method = method_label(request.method)
             metrics: Metrics | None = getattr(request.app.state, "metrics", None)
             if metrics is not None and route != "/metrics":
-                metrics.latency.labels(request.method, route, str(status)).observe(elapsed)
-            log.info("%s %s %d", request.method, route, status,
-                     extra={"method": request.method, "route": route, "status": status,
+                metrics.latency.labels(method, route, str(status)).observe(elapsed)
+            log.info("%s %s %d", method, route, status,
+                     extra={"method": method, "route": route, "status": status,
                             "duration_ms": round(1000 * elapsed, 2)})
             request_id_var.reset(token)

@@ -9,6 +9,10 @@ endpoint or to the address the server itself listens on; errors are generic.
 
 from __future__ import annotations
 
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +27,47 @@ from tests.security.http_edge_support import edge_settings, running
 REMOTE_TEXT = "REMOTE-SECRET-7f3a"
 
 
-class _Recorder:
-    """Stands in for ``httpx.post``: records each call and answers ``reply``."""
+class TokenServer:
+    """A loopback HTTP server standing in for a token endpoint: records, then ``reply``."""
 
-    def __init__(self, reply: httpx.Response) -> None:
+    def __init__(self) -> None:
         self.calls: list[str] = []
-        self.reply = reply
+        self.reply: tuple[int, str, bytes] = (400, "application/json", b"{}")
+        owner = self
 
-    def __call__(self, url: str, *args: Any, **kwargs: Any) -> httpx.Response:
-        self.calls.append(str(url))
-        return self.reply
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                owner.calls.append(self.path)
+                status, media, body = owner.reply
+                self.send_response(status)
+                self.send_header("Content-Type", media)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        self.origin = f"http://127.0.0.1:{self.port}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def answer(self, status: int, body: Any, media: str = "application/json") -> None:
+        raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.reply = (status, media, raw)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def token_server() -> Iterator[TokenServer]:
+    server = TokenServer()
+    yield server
+    server.close()
 
 
 def _callback(client: TestClient, host: str | None = None, **params: str) -> httpx.Response:
@@ -44,10 +79,11 @@ def _callback(client: TestClient, host: str | None = None, **params: str) -> htt
 
 
 @pytest.fixture
-def client(tmp_path: Path) -> Any:
-    # evil.example is allowed here only so the callback itself can be tested: in a real
-    # deployment TrustedHostMiddleware refuses it before the callback runs.
-    settings = edge_settings(tmp_path, allowed_hosts=["testserver", "evil.example"])
+def client(tmp_path: Path, token_server: TokenServer) -> Iterator[TestClient]:
+    """The token endpoint configured to be the loopback stand-in (reachable under the
+    outbound policy: a listed loopback origin)."""
+    settings = edge_settings(tmp_path, auth_token_endpoint=f"{token_server.origin}/token",
+                             outbound_allowed_origins=[token_server.origin])
     with running(settings) as test_client:
         yield test_client
 
@@ -73,39 +109,36 @@ def test_loopback_and_public_host_are_allowed(tmp_path: Path) -> None:
             assert client.get("/dashboard/login", headers={"Host": host}).status_code == 200
 
 
-def test_callback_never_posts_to_the_host_header(client: TestClient,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = _Recorder(httpx.Response(400, json={"error": "invalid_grant"}))
-    monkeypatch.setattr(httpx, "post", recorder)
-    answer = _callback(client, host="evil.example:9999", code="c0de")
-    assert answer.status_code == 403
-    assert len(recorder.calls) == 1
-    assert "evil.example" not in recorder.calls[0]
-    # The built-in issuer, reached on the address the server listens on.
-    assert recorder.calls[0] == "http://testserver:80/auth/token"
-
-
-def test_callback_uses_the_configured_token_endpoint(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    recorder = _Recorder(httpx.Response(400, json={"error": "invalid_grant"}))
-    monkeypatch.setattr(httpx, "post", recorder)
-    settings = edge_settings(tmp_path, auth_token_endpoint="https://idp.hospital.example/token",
-                             allowed_hosts=["testserver", "evil.example"])
-    with running(settings) as client:
-        _callback(client, host="evil.example", code="c0de")
-    assert recorder.calls == ["https://idp.hospital.example/token"]
-
-
-@pytest.mark.parametrize("reply", [
-    httpx.Response(400, json={"error": REMOTE_TEXT}),
-    httpx.Response(500, text=f"<html>{REMOTE_TEXT}</html>"),
-    httpx.Response(200, text=f"not json {REMOTE_TEXT}"),
-], ids=["json-error", "html-500", "200-not-json"])
-def test_remote_error_text_is_not_echoed(client: TestClient, monkeypatch: pytest.MonkeyPatch,
-                                         reply: httpx.Response) -> None:
-    monkeypatch.setattr(httpx, "post", _Recorder(reply))
-    answer = _callback(client, code="c0de")
+def test_callback_never_posts_to_the_host_header(tmp_path: Path,
+                                                 token_server: TokenServer) -> None:
+    # The Host header names a loopback port (loopback names pass the host check): the old
+    # callback posted the code there. Now the built-in endpoint is the socket's address
+    # (the test client's "testserver", which does not resolve): nothing reaches the port.
+    with running(edge_settings(tmp_path)) as client:
+        answer = _callback(client, host=f"127.0.0.1:{token_server.port}", code="c0de")
+    assert token_server.calls == []
     assert answer.status_code in (403, 502)
+
+
+def test_callback_uses_the_configured_token_endpoint(client: TestClient,
+                                                     token_server: TokenServer) -> None:
+    token_server.answer(400, {"error": "invalid_grant"})
+    answer = _callback(client, host="localhost:1", code="c0de")
+    assert token_server.calls == ["/token"]
+    assert answer.status_code == 403
+
+
+@pytest.mark.parametrize(("status", "body", "media"), [
+    (400, {"error": REMOTE_TEXT}, "application/json"),
+    (500, f"<html>{REMOTE_TEXT}</html>", "text/html"),
+    (200, f"not json {REMOTE_TEXT}", "text/plain"),
+], ids=["json-error", "html-500", "200-not-json"])
+def test_remote_error_text_is_not_echoed(client: TestClient, token_server: TokenServer,
+                                         status: int, body: Any, media: str) -> None:
+    token_server.answer(status, body, media)
+    answer = _callback(client, code="c0de")
+    assert token_server.calls == ["/token"]
+    assert answer.status_code == 403
     assert REMOTE_TEXT not in answer.text
     assert "Sign-in failed" in answer.text
 
@@ -119,12 +152,11 @@ def test_error_description_from_the_redirect_is_not_echoed(client: TestClient) -
 
 
 def test_patient_from_the_token_reply_cannot_inject_a_header(
-        client: TestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+        client: TestClient, token_server: TokenServer) -> None:
     token = client.app.state.local_issuer.issue("test-clinician",  # type: ignore[attr-defined]
                                                 Role.clinician)
-    reply = httpx.Response(200, json={"access_token": token, "expires_in": 60,
-                                      "patient": "x\r\nSet-Cookie: evil=1"})
-    monkeypatch.setattr(httpx, "post", _Recorder(reply))
+    token_server.answer(200, {"access_token": token, "expires_in": 60,
+                              "patient": "x\r\nSet-Cookie: evil=1"})
     answer = _callback(client, code="c0de")
     assert answer.status_code == 303
     location = answer.headers["location"]
