@@ -14,8 +14,11 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import secrets
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,12 +36,15 @@ from models.artifact import (
     public_key_fingerprint,
 )
 from services.auth.principal import DEFAULT_PURPOSE, Principal
+from services.core.config import Settings
 from services.db import session_scope
 from services.tables import AccessLogCheckpointRow, AccessLogRow
 
-__all__ = ["GENESIS", "AccessLog", "ChainReport", "entry_hash", "pseudonym", "verify_chain"]
+__all__ = ["GENESIS", "AccessLog", "ChainReport", "entry_hash", "pseudonym", "pseudonym_secret",
+           "verify_chain"]
 
 GENESIS = "0" * 64
+PSEUDONYM_KEY_FILE = "pseudonym.key"
 _PG_LOCK_ID = 0x636C696E  # any constant: serialises appends across server processes
 
 
@@ -59,6 +65,28 @@ def _iso(at: datetime) -> str:
 
 def _checkpoint_message(seq: int, head_hash: str, at: datetime) -> bytes:
     return f"clinfuse-access-log-checkpoint/1\n{seq}\n{head_hash}\n{_iso(at)}".encode()
+
+
+def pseudonym_secret(settings: Settings) -> bytes:
+    """``CLINFUSE_PSEUDONYM_SECRET``, else a random key kept in the keys directory.
+
+    Keys the pseudonyms compliance sees, and the labels of imaging patients not (yet)
+    linked to a stored patient (:mod:`services.imaging_access`).
+    """
+    if settings.pseudonym_secret:
+        return settings.pseudonym_secret.encode()
+    path = Path(settings.keys_dir) / PSEUDONYM_KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # Created 0600 from the start; O_EXCL: a concurrent creator wins, we read its key.
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+    return path.read_bytes()
 
 
 def pseudonym(patient_id: str | None, secret: bytes) -> str | None:
@@ -111,22 +139,36 @@ class AccessLog:
         at that moment in one transaction, so under load the requests share a few
         transactions instead of queueing for the database's write lock one by one.
         """
-        entry = _Pending(principal, action, resource, patient_id,
-                         purpose or DEFAULT_PURPOSE[principal.role], status)
+        return self.record_many(principal, patient_ids=[patient_id], action=action,
+                                resource=resource, purpose=purpose, status=status)[0]
+
+    def record_many(self, principal: Principal, *, patient_ids: Sequence[str | None],
+                    action: str, resource: str, purpose: str | None = None,
+                    status: int = 200) -> list[int]:
+        """Append one entry per patient of one access (a search that returned several
+        patients' data), all in one transaction; returns their sequence numbers.
+
+        An auditor asking who saw a patient's data filters by that patient, so a read
+        that spans patients is one entry for each of them, never one entry for none.
+        """
+        purpose = purpose or DEFAULT_PURPOSE[principal.role]
+        entries = [_Pending(principal, action, resource, p, purpose, status)
+                   for p in (patient_ids or [None])]
         with self._queue_lock:
-            self._pending.append(entry)
+            # Queued together, so one batch (one transaction) takes all of them.
+            self._pending.extend(entries)
         with self._lock:
-            if entry.seq is None and entry.error is None:
+            if entries[0].seq is None and entries[0].error is None:
                 with self._queue_lock:
                     batch, self._pending = self._pending, []
                 self._write(batch)
-        if entry.error is not None:
-            raise RuntimeError("could not append to the access log") from entry.error
-        assert entry.seq is not None
+        for entry in entries:
+            if entry.error is not None:
+                raise RuntimeError("could not append to the access log") from entry.error
         if (self._since_checkpoint >= self.checkpoint_every
                 or time.monotonic() - self._last_checkpoint >= self.checkpoint_interval_s):
             self.checkpoint()
-        return entry.seq
+        return [e.seq for e in entries if e.seq is not None]
 
     def _write(self, batch: list[_Pending]) -> None:
         """Append ``batch`` in one transaction (the caller holds the writer lock)."""

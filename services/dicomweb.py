@@ -245,6 +245,14 @@ class QueryError(ValueError):
 def qido(store: DicomStore, level: Level, params: dict[str, str], *,
          scope: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Search the index at study, series or instance level (PS3.18 10.6)."""
+    return qido_page(store, level, params, scope=scope)[0]
+
+
+def qido_page(store: DicomStore, level: Level, params: dict[str, str], *,
+              scope: dict[str, str] | None = None
+              ) -> tuple[list[dict[str, Any]], list[DicomInstanceRow]]:
+    """:func:`qido`, with the indexed instances behind the answer's page: the access log
+    names the patients they belong to."""
     filters: dict[str, str] = dict(scope or {})
     date_range: tuple[str, str] | None = None
     limit, offset = None, 0
@@ -271,9 +279,9 @@ def qido(store: DicomStore, level: Level, params: dict[str, str], *,
     grouped: dict[str, list[DicomInstanceRow]] = {}
     for row in rows:
         grouped.setdefault(getattr(row, _LEVEL_KEY[level]), []).append(row)
-    results = [_describe(level, members) for members in grouped.values()]
     end = None if limit is None else offset + limit
-    return results[offset:end]
+    page = list(grouped.values())[offset:end]
+    return [_describe(level, members) for members in page], [r for m in page for r in m]
 
 
 def _describe(level: Level, rows: list[DicomInstanceRow]) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Access logging for every authenticated request, in one place.
 
 Routes that touch one patient's data set ``request.state.patient_id`` (the opaque
-id); the middleware appends who, role, what (method and route template), the
-patient, the purpose of use and the status to the hash-chained access log.
+id); routes that return several patients' data (an imaging search) set
+``request.state.patient_ids``, and get one entry per patient. The middleware appends
+who, role, what (method and route template), the patient, the purpose of use and the
+status to the hash-chained access log.
 """
 
 from __future__ import annotations
@@ -43,10 +45,11 @@ class AccessLogMiddleware(BaseHTTPMiddleware):
             request.method, request.method.lower())
         resource = f"{request.method} {route_template(request)}"
         purpose = request.headers.get("x-purpose-of-use")
+        patients = getattr(request.state, "patient_ids", None) or [
+            getattr(request.state, "patient_id", None)]
         try:
-            await run_in_threadpool(access_log.record, principal, action=action,
-                                    resource=resource,
-                                    patient_id=getattr(request.state, "patient_id", None),
+            await run_in_threadpool(access_log.record_many, principal, action=action,
+                                    resource=resource, patient_ids=list(patients),
                                     purpose=purpose[:128] if purpose else None,
                                     status=response.status_code)
         except Exception as exc:

@@ -8,10 +8,7 @@ followed. Admins see the opaque ids themselves.
 
 from __future__ import annotations
 
-import os
-import secrets
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -19,11 +16,10 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 
 from fhir_adapters.record import ensure_utc
-from services.access_log import AccessLog, pseudonym, verify_chain
+from services.access_log import AccessLog, pseudonym, pseudonym_secret, verify_chain
 from services.api.deps import MAX_OFFSET, SessionDep, SettingsDep, require
 from services.auth.principal import Principal, Role
 from services.auth.scopes import Need
-from services.core.config import Settings
 from services.tables import AccessLogRow
 
 router = APIRouter(prefix="/access-log", tags=["Access log"],
@@ -31,27 +27,6 @@ router = APIRouter(prefix="/access-log", tags=["Access log"],
                               403: {"description": "only compliance and admin may read the "
                                                    "access log"}})
 Reviewer = Annotated[Principal, require(Role.compliance, scope=Need.of("clinfuse/access-log"))]
-
-PSEUDONYM_KEY_FILE = "pseudonym.key"
-
-
-def pseudonym_secret(settings: Settings) -> bytes:
-    """``CLINFUSE_PSEUDONYM_SECRET``, else a random key kept in the keys directory."""
-    if settings.pseudonym_secret:
-        return settings.pseudonym_secret.encode()
-    path = Path(settings.keys_dir) / PSEUDONYM_KEY_FILE
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            # Created 0600 from the start; O_EXCL: a concurrent creator wins, we read its key.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(secrets.token_bytes(32))
-    return path.read_bytes()
-
 
 class AccessLogEntry(BaseModel):
     model_config = ConfigDict(json_schema_extra={"examples": [{

@@ -9,7 +9,8 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from pipelines.imaging.dicom_limits import DeflateError, DicomLimitError
-from services import dicomweb
+from services import dicomweb, imaging_access
+from services.access_log import pseudonym_secret
 from services.api.deps import (
     DicomStoreDep,
     SettingsDep,
@@ -103,12 +104,21 @@ async def store_study_instances(study: str, request: Request, store: DicomStoreD
     return await _stow(request, store, settings, study)
 
 
+def _note_patients(request: Request, store: DicomStoreDep, rows: list[Any]) -> None:
+    """One access-log entry per patient whose instances this answer returns."""
+    secret = pseudonym_secret(request.app.state.settings)
+    request.state.patient_ids = imaging_access.patients_of(store.sessions, rows, secret)
+
+
 def _search(store: DicomStoreDep, level: dicomweb.Level, request: Request,
             scope: dict[str, str]) -> JSONResponse:
     try:
-        return _dicom_json(dicomweb.qido(store, level, dict(request.query_params), scope=scope))
+        matches, rows = dicomweb.qido_page(store, level, dict(request.query_params),
+                                           scope=scope)
     except dicomweb.QueryError as exc:
         raise HTTPException(400, str(exc)) from None
+    _note_patients(request, store, rows)
+    return _dicom_json(matches)
 
 
 @search("/studies", summary="QIDO-RS: search studies")
@@ -147,31 +157,34 @@ def _rows(store: DicomStoreDep, study: str, series: str | None = None,
     return rows
 
 
-def _retrieve(store: DicomStoreDep, rows: list[Any]) -> StreamingResponse:
+def _retrieve(request: Request, store: DicomStoreDep, rows: list[Any]) -> StreamingResponse:
+    _note_patients(request, store, rows)
     content_type, chunks = dicomweb.build_multipart(store.iter_bytes(rows))
     return StreamingResponse(chunks, media_type=content_type)
 
 
 @retrieve("/studies/{study}", summary="WADO-RS: retrieve a study")
-def retrieve_study(study: str, store: DicomStoreDep) -> StreamingResponse:
-    return _retrieve(store, _rows(store, study))
+def retrieve_study(study: str, request: Request, store: DicomStoreDep) -> StreamingResponse:
+    return _retrieve(request, store, _rows(store, study))
 
 
 @retrieve("/studies/{study}/series/{series}", summary="WADO-RS: retrieve a series")
-def retrieve_series(study: str, series: str, store: DicomStoreDep) -> StreamingResponse:
-    return _retrieve(store, _rows(store, study, series))
+def retrieve_series(study: str, series: str, request: Request,
+                    store: DicomStoreDep) -> StreamingResponse:
+    return _retrieve(request, store, _rows(store, study, series))
 
 
 @retrieve("/studies/{study}/series/{series}/instances/{instance}",
             summary="WADO-RS: retrieve an instance")
-def retrieve_instance(study: str, series: str, instance: str,
+def retrieve_instance(study: str, series: str, instance: str, request: Request,
                       store: DicomStoreDep) -> StreamingResponse:
-    return _retrieve(store, _rows(store, study, series, instance))
+    return _retrieve(request, store, _rows(store, study, series, instance))
 
 
 def _metadata(request: Request, settings: SettingsDep, store: DicomStoreDep,
               rows: list[Any]) -> JSONResponse:
     root = base_url(request, settings, PREFIX)
+    _note_patients(request, store, rows)
     out = []
     for number, row in enumerate(rows, start=1):
         try:
