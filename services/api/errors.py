@@ -101,16 +101,36 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(request, 503, "the server is busy; retry shortly",
                               headers={"Retry-After": "1"})
 
+    @app.exception_handler(RecursionError)
+    async def _too_deep(request: Request, exc: RecursionError) -> JSONResponse:
+        # Python's JSON parser (and what walks its result) recurses once per level, so a
+        # small body of nested brackets exhausts the stack: the input is at fault, not the
+        # server. Without a body there is no such input, and it is the server's bug.
+        if request.method not in ("POST", "PUT", "PATCH"):
+            return internal_error(request, exc)
+        from services.api.access import route_template  # access imports this module
+
+        log.warning("request body nested too deeply on %s %s; answered 400",
+                    request.method, route_template(request))
+        return error_response(request, 400, "the request body is nested too deeply to be "
+                                            "processed (JSON arrays and objects within "
+                                            "each other, hundreds of levels deep)")
+
     @app.exception_handler(Exception)
     async def _unhandled(request: Request, exc: Exception) -> JSONResponse:
-        error_id = uuid.uuid4().hex[:12]
-        # The traceback is logged, not returned; exception messages are not trusted to be
-        # free of patient values, so only the type goes to the response.
-        frames = "".join(traceback.format_tb(exc.__traceback__))
-        log.error("unhandled %s on %s %s (error id %s)\n%s", type(exc).__name__,
-                  request.method, request.url.path, error_id, frames)
-        return error_response(request, 500, f"internal error (error id {error_id}); "
-                                            "the server log has the details")
+        return internal_error(request, exc)
+
+
+def internal_error(request: Request, exc: BaseException) -> JSONResponse:
+    """500 with an opaque error id; the traceback's frames go to the log."""
+    error_id = uuid.uuid4().hex[:12]
+    # The traceback is logged, not returned; exception messages are not trusted to be
+    # free of patient values, so only the type goes to the response.
+    frames = "".join(traceback.format_tb(exc.__traceback__))
+    log.error("unhandled %s on %s %s (error id %s)\n%s", type(exc).__name__,
+              request.method, request.url.path, error_id, frames)
+    return error_response(request, 500, f"internal error (error id {error_id}); "
+                                        "the server log has the details")
 
 
 def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
