@@ -274,11 +274,14 @@ class Outbound:
         kwargs.update(overrides)
         return cls(settings.outbound_allowed_origins, **kwargs)
 
-    def with_endpoint(self, url: str) -> Outbound:
+    def with_endpoint(self, url: str, *, allow_http: bool = False) -> Outbound:
         """This policy, also allowing the origin of an endpoint the operator configured.
 
         A configured https endpoint (the JWKS URL, the token endpoint) states its own
         origin; an http one must already be listed explicitly (and so be loopback).
+        ``allow_http`` is for this service's own address only (the built-in issuer's
+        token endpoint, taken from the listening socket or the public URL, never from
+        a request): it is reached the way the browser reached it.
 
         Raises
         ------
@@ -286,7 +289,8 @@ class Outbound:
             When ``url`` is not an https URL and its origin is not listed.
         """
         origin = origin_of(url)
-        if origin.startswith("http://") and origin not in self.allowed_origins:
+        if origin.startswith("http://") and not allow_http and \
+                origin not in self.allowed_origins:
             raise ValueError(f"{url!r} is not https; an http endpoint must be a loopback "
                              "origin listed in CLINFUSE_OUTBOUND_ALLOWED_ORIGINS")
         copy = Outbound.__new__(Outbound)

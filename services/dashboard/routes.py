@@ -9,6 +9,7 @@ access-log middleware records who opened what; patient pages also set
 
 from __future__ import annotations
 
+import json
 import re
 import secrets
 from pathlib import Path
@@ -35,6 +36,7 @@ from services.dashboard.web import (
     secure_cookies,
     set_session,
 )
+from services.outbound import Outbound, OutboundError
 from services.tables import PredictionRow
 
 router = APIRouter(prefix="/dashboard", route_class=DashboardRoute, include_in_schema=False)
@@ -379,8 +381,6 @@ def callback(request: Request, settings: SettingsDep,
              error_description: Annotated[str | None, Query(max_length=500)] = None
              ) -> Response:
     """The redirect back from authorization: check state, redeem the code with the verifier."""
-    import httpx
-
     saved = request.cookies.get(LAUNCH_COOKIE, "")
     expected_state, _, verifier = saved.partition(".")
     if not state or not expected_state or not secrets.compare_digest(state, expected_state):
@@ -394,20 +394,28 @@ def callback(request: Request, settings: SettingsDep,
         raise DashboardError(403, "Launch not authorised",
                              f"The sign-in was not authorised ({shown}).")
     token_endpoint = settings.auth_token_endpoint or _builtin_token_endpoint(request, settings)
+    form = urlencode({
+        "grant_type": "authorization_code", "code": code,
+        "redirect_uri": base_url(request, settings, "/dashboard/callback"),
+        "client_id": smart_launch.DASHBOARD_CLIENT_ID, "code_verifier": verifier})
     try:
-        answer = httpx.post(token_endpoint, data={
-            "grant_type": "authorization_code", "code": code,
-            "redirect_uri": base_url(request, settings, "/dashboard/callback"),
-            "client_id": smart_launch.DASHBOARD_CLIENT_ID, "code_verifier": verifier},
-            timeout=10.0)
-    except httpx.HTTPError:
+        # Under the outbound policy (services.outbound): no redirects, a capped body, one
+        # deadline. The built-in endpoint is this server's own address: http allowed.
+        outbound = Outbound.from_settings(settings).with_endpoint(
+            token_endpoint, allow_http=settings.auth_token_endpoint is None)
+        answer = outbound.request(
+            "POST", token_endpoint, purpose="the authorization server",
+            headers={"Content-Type": "application/x-www-form-urlencoded",
+                     "Accept": "application/json"},
+            content=form.encode(), max_body_bytes=64 * 1024)
+    except (OutboundError, ValueError):
         raise DashboardError(502, "Sign-in failed",
                              "The authorization server did not answer.") from None
     # Nothing of the reply is shown: its text is the remote server's, not ours.
-    if answer.status_code != 200:
+    if answer.status != 200:
         raise DashboardError(403, "Sign-in failed", "The authorization code was refused.")
     try:
-        body = answer.json()
+        body = json.loads(answer.body)
         principal = request.app.state.token_verifier.verify(body["access_token"])
     except (AuthError, KeyError, TypeError, ValueError):
         raise DashboardError(403, "Sign-in failed", "The token could not be verified.") \

@@ -22,9 +22,12 @@ from typing import Any
 import pytest
 
 from services import cds_hooks
+from services.auth.principal import Role
 from services.cds_hooks import HookError, HookRequest
 from services.core.config import Settings
+from services.dashboard.routes import LAUNCH_COOKIE
 from services.outbound import Outbound, OutboundError, check_allowed_origins
+from tests.security.http_edge_support import edge_settings, running
 from tests.security.outbound_support import (
     ConnectRecorder,
     FakeDns,
@@ -243,3 +246,49 @@ def test_allow_list_settings_are_checked_and_normalized() -> None:
         with pytest.raises(ValueError):
             check_allowed_origins([bad])
     assert Settings().outbound_allowed_origins == []  # default: nothing may be called
+
+
+# ----------------------------------------------------------------------------- token POST
+
+
+def _sign_in_callback(client: Any) -> Any:
+    """The dashboard's OAuth callback with a matching state: it redeems the code."""
+    return client.get("/dashboard/callback", params={"state": "st4te", "code": "c0de"},
+                      headers={"Cookie": f"{LAUNCH_COOKIE}=st4te.verifier"},
+                      follow_redirects=False)
+
+
+def test_callback_token_post_goes_through_the_outbound_policy(tmp_path: Path) -> None:
+    app_box: list[Any] = []
+
+    def token_endpoint(h: BaseHTTPRequestHandler) -> None:
+        token = app_box[0].state.local_issuer.issue("dr-launch", Role.clinician)
+        send_json(h, {"access_token": token, "token_type": "Bearer", "expires_in": 60})
+
+    with ScriptedServer(token_endpoint) as idp:
+        # A listed (loopback, test) token endpoint: the code is redeemed there.
+        settings = edge_settings(tmp_path, auth_token_endpoint=f"{idp.origin}/token",
+                                 outbound_allowed_origins=[idp.origin])
+        with running(settings) as client:
+            app_box.append(client.app)
+            assert _sign_in_callback(client).status_code == 303
+        assert idp.requests == ["POST /token"]
+        # The same endpoint, not listed: http to it is refused before any connection.
+        settings = edge_settings(tmp_path, auth_token_endpoint=f"{idp.origin}/token")
+        with running(settings) as client:
+            answer = _sign_in_callback(client)
+        assert answer.status_code == 502 and "did not answer" in answer.text
+        assert idp.requests == ["POST /token"]
+
+
+def test_callback_token_post_does_not_follow_a_redirect(tmp_path: Path) -> None:
+    with ScriptedServer(fhir_routes()) as elsewhere:
+        bounce = ScriptedServer(lambda h: send(h, 307, b"", headers={
+            "Location": f"{elsewhere.origin}/token"}))
+        with bounce:
+            settings = edge_settings(tmp_path, auth_token_endpoint=f"{bounce.origin}/token",
+                                     outbound_allowed_origins=[bounce.origin])
+            with running(settings) as client:
+                assert _sign_in_callback(client).status_code == 403
+            assert bounce.requests == ["POST /token"]
+        assert elsewhere.requests == []
