@@ -123,12 +123,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
 def internal_error(request: Request, exc: BaseException) -> JSONResponse:
     """500 with an opaque error id; the traceback's frames go to the log."""
+    from services.api.access import route_template  # access imports this module
+    from services.observability import method_label
+
     error_id = uuid.uuid4().hex[:12]
     # The traceback is logged, not returned; exception messages are not trusted to be
-    # free of patient values, so only the type goes to the response.
+    # free of patient values, so only the type goes to the response. The route template,
+    # not the URL: paths carry UIDs and patient ids.
     frames = "".join(traceback.format_tb(exc.__traceback__))
     log.error("unhandled %s on %s %s (error id %s)\n%s", type(exc).__name__,
-              request.method, request.url.path, error_id, frames)
+              method_label(request.method), route_template(request), error_id, frames)
     return error_response(request, 500, f"internal error (error id {error_id}); "
                                         "the server log has the details")
 
