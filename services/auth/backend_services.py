@@ -8,10 +8,11 @@ from typing import Any
 import jwt
 from sqlalchemy.orm import Session
 
-from services.auth.passwords import hash_password, verify_password
+from services.auth.one_time_ids import claim_once
+from services.auth.passwords import hash_password
 from services.auth.principal import Role
 from services.auth.scopes import default_scopes, narrow
-from services.auth.tokens import AuthError, LocalIssuer, OneTimeIds
+from services.auth.tokens import AuthError, LocalIssuer
 from services.tables import ClientRow, UserRow
 
 __all__ = ["JWT_BEARER", "add_user", "client_credentials_grant", "password_grant",
@@ -21,9 +22,6 @@ JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 #: SMART Backend Services: the client signs its assertion with RS384 or ES384.
 ASSERTION_ALGORITHMS = ("RS384", "ES384")
 MAX_ASSERTION_LIFETIME_S = 300
-
-
-_seen_jti = OneTimeIds()
 
 
 def add_user(session: Session, username: str, password: str, role: Role,
@@ -68,13 +66,11 @@ def _token_response(token: str, ttl_s: int, scope: str) -> dict[str, Any]:
     return {"access_token": token, "token_type": "Bearer", "expires_in": ttl_s, "scope": scope}
 
 
-def password_grant(session: Session, issuer: LocalIssuer, username: str, password: str, *,
+def password_grant(session: Session, issuer: LocalIssuer, user: UserRow, *,
                    ttl_s: int) -> dict[str, Any]:
-    user = session.get(UserRow, username)
-    # Verify against a dummy hash for unknown users, so timing does not reveal who exists.
-    stored = user.password_hash if user is not None else _DUMMY_HASH
-    if not verify_password(stored, password) or user is None:
-        raise AuthError(401, "unknown user or wrong password", error="invalid_grant")
+    """The token response for a local user already signed in by
+    :func:`services.auth.sign_in.sign_in_local_user` (environment rule, throttle, password)."""
+    username = user.username
     scope = f"openid fhirUser {default_scopes(Role(user.role), system=False)}"
     token = issuer.issue(username, Role(user.role), scope=scope, ttl_s=ttl_s,
                          extra={"name": user.display_name or username})
@@ -111,8 +107,8 @@ def client_credentials_grant(session: Session, issuer: LocalIssuer, assertion: s
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "client_assertion has expired", error="invalid_client") from None
         except jwt.InvalidAudienceError:
-            raise AuthError(401, "client_assertion aud must be this token endpoint",
-                            error="invalid_client") from None
+            raise AuthError(401, f"client_assertion aud must be this token endpoint "
+                                 f"({token_endpoint})", error="invalid_client") from None
         except jwt.PyJWTError:
             continue
     if claims is None:
@@ -124,7 +120,8 @@ def client_credentials_grant(session: Session, issuer: LocalIssuer, assertion: s
     if float(claims["exp"]) - time.time() > MAX_ASSERTION_LIFETIME_S:
         raise AuthError(401, "client_assertion exp is more than five minutes ahead",
                         error="invalid_client")
-    if not _seen_jti.claim(f"{client.client_id}:{claims['jti']}", float(claims["exp"])):
+    if not claim_once(session, "assertion-jti", f"{client.client_id}:{claims['jti']}",
+                      float(claims["exp"])):
         raise AuthError(401, "client_assertion jti was already used", error="invalid_client")
     # What it asks for, as far as its registration covers it (system/Observation.rs is
     # covered by system/*.crus); nothing asked: all it may have.
@@ -137,6 +134,3 @@ def client_credentials_grant(session: Session, issuer: LocalIssuer, assertion: s
     token = issuer.issue(client.client_id, Role(client.role), scope=scope_text,
                          client_id=client.client_id, ttl_s=ttl_s)
     return _token_response(token, ttl_s, scope_text)
-
-
-_DUMMY_HASH = hash_password("not-a-real-password-used-for-timing")

@@ -16,9 +16,8 @@ standalone launch) for the dashboard, a public client:
 
 Launch contexts and codes are short-lived JWTs signed by the built-in issuer, so
 any process of the service can verify them. Codes are single-use: a redeemed
-code's id is remembered until it expires. That memory is per process, which is
-enough for the embedded demo (one process); a deployment uses the hospital's own
-authorization server.
+code's id is kept in the database until it expires (:mod:`services.auth.one_time_ids`),
+so no replica and no restart redeems it twice.
 """
 
 from __future__ import annotations
@@ -35,7 +34,7 @@ from urllib.parse import urlencode, urlsplit
 import jwt
 from sqlalchemy.orm import Session
 
-from services.auth.passwords import verify_password
+from services.auth.one_time_ids import claim_once
 from services.auth.principal import Role
 from services.auth.scopes import (
     CLINFUSE_SCOPES,
@@ -44,13 +43,13 @@ from services.auth.scopes import (
     narrow,
     parse_scope,
 )
-from services.auth.tokens import AuthError, LocalIssuer, OneTimeIds
+from services.auth.tokens import AuthError, LocalIssuer
 from services.tables import PatientRow, UserRow
 
 __all__ = ["CODE_TTL_S", "DASHBOARD_CLIENT_ID", "LAUNCH_TTL_S", "AuthorizationRequest",
            "code_challenge", "exchange_code", "issue_code", "issue_launch",
            "new_code_verifier", "parse_authorization_request", "read_launch",
-           "redirect_with", "verify_user"]
+           "redirect_with"]
 
 #: The dashboard's client id: a public client (no secret), so PKCE is mandatory.
 DASHBOARD_CLIENT_ID = "clinfuse-dashboard"
@@ -64,9 +63,6 @@ _LAUNCH_AUD = "urn:clinfuse:smart:launch"
 _VERIFIER_RE = re.compile(r"^[A-Za-z0-9\-._~]{43,128}$")
 _SCOPES = {"launch", "launch/patient", "openid", "fhirUser", "patient/*.read",
            "patient/*.rs", "user/*.read", "user/*.rs", "offline_access", "online_access"}
-
-
-_redeemed = OneTimeIds()
 
 
 def _b64url(data: bytes) -> str:
@@ -228,18 +224,6 @@ def parse_authorization_request(params: dict[str, str], *, issuer: LocalIssuer, 
                                 launch=launch, patient=patient)
 
 
-def verify_user(session: Session, username: str, password: str) -> UserRow:
-    """The local user with this password; AuthError otherwise (same answer for both cases)."""
-    from services.auth.backend_services import _DUMMY_HASH
-
-    user = session.get(UserRow, username) if username else None
-    # Verify against a dummy hash for unknown users, so timing does not reveal who exists.
-    if not verify_password(user.password_hash if user else _DUMMY_HASH, password) or \
-            user is None:
-        raise AuthError(401, "unknown user or wrong password", error="access_denied")
-    return user
-
-
 def issue_code(issuer: LocalIssuer, request: AuthorizationRequest, user: UserRow) -> str:
     """A one-time authorization code for ``user``, bound to the request's PKCE challenge."""
     claims = {"sub": user.username, "role": user.role, "name": user.display_name or
@@ -270,7 +254,8 @@ def exchange_code(session: Session, issuer: LocalIssuer, *, code: str, redirect_
                                   str(claims.get("code_challenge", ""))):
         raise AuthError(400, "code_verifier does not match the code_challenge",
                         error="invalid_grant")
-    if not _redeemed.claim(str(claims["jti"]), float(claims["exp"])):
+    if not claim_once(session, "authorization-code", str(claims["jti"]),
+                      float(claims["exp"])):
         raise AuthError(400, "the authorization code was already used", error="invalid_grant")
     user = session.get(UserRow, str(claims.get("sub")))
     if user is None:

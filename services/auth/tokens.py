@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -29,7 +28,7 @@ if TYPE_CHECKING:
     from services.auth.jwks import RemoteJwks
     from services.outbound import Outbound
 
-__all__ = ["ACCEPTED_ALGORITHMS", "AuthError", "LocalIssuer", "OneTimeIds", "TokenVerifier",
+__all__ = ["ACCEPTED_ALGORITHMS", "AuthError", "LocalIssuer", "TokenVerifier",
            "TrustedIssuer"]
 
 #: The algorithms a hospital IdP may sign with (the issue's RS256/ES384); nothing weaker.
@@ -145,25 +144,6 @@ def _key_for(jwks: dict[str, Any], kid: str | None, alg: str,
         return jwt.PyJWK.from_dict(keys[0], algorithm=alg).key
     except jwt.PyJWTError:
         raise AuthError(401, "the issuer's JWKS key cannot be used") from None
-
-
-class OneTimeIds:
-    """Ids (assertion jti, authorization codes) seen until they expire: a replay is refused."""
-
-    def __init__(self) -> None:
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def claim(self, key: str, expires_at: float) -> bool:
-        """True the first time ``key`` is seen before it expires; False on a replay."""
-        now = time.time()
-        with self._lock:
-            for k in [k for k, e in self._seen.items() if e < now]:
-                del self._seen[k]
-            if key in self._seen:
-                return False
-            self._seen[key] = expires_at
-            return True
 
 
 class LocalIssuer:

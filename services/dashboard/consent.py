@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from fastapi import Request
 from fastapi.responses import RedirectResponse, Response
-from sqlalchemy.orm import Session
 
 from services.api.deps import base_url
-from services.auth import smart_launch
+from services.auth import sign_in, smart_launch
 from services.auth.principal import Role
 from services.auth.tokens import AuthError, LocalIssuer
 from services.dashboard.web import DashboardError, check_csrf, finish, render
@@ -51,8 +50,20 @@ def _error_page(request: Request, exc: AuthError) -> Response:
         status_code=exc.status if exc.status < 500 else 400))
 
 
+def _local_sign_in_off(request: Request) -> Response | None:
+    """The error page when local users may not sign in here (no form is ever shown)."""
+    if sign_in.local_sign_in_allowed(request.app.state.settings):
+        return None
+    return finish(request, render(request, "error.html", {
+        "title": "Local sign-in is off",
+        "message": "This deployment signs in through the hospital's identity provider. "
+                   "Open clinfuse from your EHR."}, status_code=400))
+
+
 def authorize_get(request: Request) -> Response:
     """Show the login and consent page for a checked authorization request."""
+    if (off := _local_sign_in_off(request)) is not None:
+        return off
     params = {k: v[:4000] for k, v in request.query_params.items()}
     try:
         auth = _check(request, params)
@@ -63,8 +74,10 @@ def authorize_get(request: Request) -> Response:
     return finish(request, _page(request, auth, error=None))
 
 
-def authorize_post(request: Request, session: Session, form: dict[str, str]) -> Response:
+def authorize_post(request: Request, form: dict[str, str]) -> Response:
     """Sign the user in, and on consent send the browser back with a one-time code."""
+    if (off := _local_sign_in_off(request)) is not None:
+        return off
     try:
         check_csrf(request, form.get("csrf"))
         auth = _check(request, form)
@@ -81,8 +94,15 @@ def authorize_post(request: Request, session: Session, form: dict[str, str]) -> 
             auth.redirect_uri, error="access_denied", error_description="the user declined",
             state=auth.state), status_code=303)
     try:
-        user = smart_launch.verify_user(session, form.get("username", ""),
-                                        form.get("password", ""))
+        user = sign_in.sign_in_local_user(
+            request.app.state.sessions, request.app.state.settings,
+            form.get("username", "")[:128], form.get("password", "")[:256],
+            address=sign_in.client_address(request))
+    except sign_in.TooManySignInFailures as exc:
+        response = _page(request, auth, error="Too many failed sign-ins. Try again in "
+                                              f"{exc.retry_after_s} seconds.", status_code=429)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return finish(request, response)
     except AuthError:
         return finish(request, _page(request, auth, error="Unknown user or wrong password.",
                                      status_code=401))

@@ -20,11 +20,12 @@ from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import RedirectResponse, Response
 
 from services.api.deps import SessionDep, SettingsDep, base_url
-from services.auth import backend_services, smart_launch
+from services.auth import backend_services, sign_in, smart_launch
 from services.auth.principal import Principal, Role
 from services.auth.tokens import AuthError
 from services.core.config import Settings
 from services.dashboard import charts, compliance, imaging, queries
+from services.dashboard.sessions import open_session, revoke_session
 from services.dashboard.web import (
     SESSION_COOKIE,
     DashboardError,
@@ -99,30 +100,46 @@ def login(request: Request, session: SessionDep, settings: SettingsDep,
           password: Annotated[str, Form(max_length=256)],
           csrf: Annotated[str, Form(max_length=128)] = "",
           next: Annotated[str | None, Form(max_length=2000)] = None) -> Response:
-    """The demo's local login: the password grant, then the token as the session cookie."""
+    """The demo's local login: sign in, then a server-side session (the cookie holds its id)."""
     check_csrf(request, csrf)
     issuer = getattr(request.app.state, "local_issuer", None)
-    if issuer is None or not settings.builtin_issuer_enabled or settings.environment != "demo":
+    if issuer is None or not sign_in.local_sign_in_allowed(settings):
         raise DashboardError(400, "Local login is off",
                              "This deployment signs in through the hospital's identity "
                              "provider; open the dashboard from the EHR.")
     try:
-        access = backend_services.password_grant(session, issuer, username, password,
-                                                 ttl_s=settings.auth_token_ttl_s)
+        user = sign_in.sign_in_local_user(request.app.state.sessions, settings, username,
+                                          password, address=sign_in.client_address(request))
+    except sign_in.TooManySignInFailures as exc:
+        response = render(request, "login.html", {
+            "next": _safe_next(next),
+            "error": f"Too many failed sign-ins. Try again in {exc.retry_after_s} seconds."},
+            status_code=429)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     except AuthError:
         return render(request, "login.html", {"next": _safe_next(next),
                                               "error": "Unknown user or wrong password."},
                       status_code=401)
+    # The session grants what the password grant's token would (its scopes come from one
+    # table); the token is verified once and dropped.
+    access = backend_services.password_grant(session, issuer, user,
+                                             ttl_s=settings.auth_token_ttl_s)
     principal = request.app.state.token_verifier.verify(access["access_token"])
     target = _safe_next(next) or _home_for(principal)
     response = RedirectResponse(target, status_code=303)
-    set_session(response, request, access["access_token"], int(access["expires_in"]))
+    expires_in = int(access["expires_in"])
+    set_session(response, request, open_session(session, principal, expires_in_s=expires_in),
+                expires_in)
     return response
 
 
 @router.post("/logout")
-def logout(request: Request, csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
+def logout(request: Request, session: SessionDep,
+           csrf: Annotated[str, Form(max_length=128)] = "") -> Response:
+    """Revoke the server-side session (a copy of the cookie stops working too)."""
     check_csrf(request, csrf)
+    revoke_session(session, request.cookies.get(SESSION_COOKIE, ""))
     response = RedirectResponse("/dashboard/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/")
     return response
@@ -374,7 +391,7 @@ def _builtin_token_endpoint(request: Request, settings: Settings) -> str:
 
 
 @router.get("/callback")
-def callback(request: Request, settings: SettingsDep,
+def callback(request: Request, settings: SettingsDep, session: SessionDep,
              code: Annotated[str | None, Query(max_length=4000)] = None,
              state: Annotated[str | None, Query(max_length=256)] = None,
              error: Annotated[str | None, Query(max_length=64)] = None,
@@ -426,7 +443,9 @@ def callback(request: Request, settings: SettingsDep,
               if isinstance(patient, str) and _FHIR_ID.fullmatch(patient)
               else _home_for(principal))
     response = RedirectResponse(target, status_code=303)
-    set_session(response, request, body["access_token"], int(body.get("expires_in", 3600)))
+    expires_in = int(body.get("expires_in", 3600))
+    set_session(response, request, open_session(session, principal, expires_in_s=expires_in),
+                expires_in)
     response.delete_cookie(LAUNCH_COOKIE, path="/dashboard/callback")
     return response
 

@@ -1,8 +1,10 @@
 """The dashboard's web plumbing: templates, the session cookie, CSRF, HTML errors.
 
-The session is the access token itself, kept in an HttpOnly, SameSite=Strict
-cookie: the dashboard verifies it with the same :class:`TokenVerifier` as the API,
-so a dashboard user has exactly the rights of their token's role. Every POST form
+The session lives on the server (:mod:`services.dashboard.sessions`): the
+HttpOnly, SameSite=Strict, Secure cookie holds only a random id, and the session
+holds what the token that signed the user in granted (verified with the same
+:class:`TokenVerifier` as the API), so a dashboard user has exactly the rights of
+that token's role; logout revokes it. Every POST form
 carries a CSRF token derived (HMAC) from a random per-browser cookie, so a form
 posted from another site, which cannot read that cookie, is refused.
 """
@@ -24,10 +26,11 @@ from fastapi.routing import APIRoute
 from fastapi.templating import Jinja2Templates
 from starlette.responses import RedirectResponse, Response
 
+from services.api.deps import SessionDep
 from services.auth.principal import Principal, Role
-from services.auth.tokens import AuthError, TokenVerifier
 from services.core.config import Settings
 from services.dashboard import access
+from services.dashboard.sessions import session_principal
 
 __all__ = ["CSRF_COOKIE", "SESSION_COOKIE", "DashboardError", "DashboardRoute", "Forbidden",
            "LoginRequired", "UserDep", "csrf_token", "finish", "render", "templates"]
@@ -151,13 +154,17 @@ def check_csrf(request: Request, submitted: str | None) -> None:
 
 
 def secure_cookies(request: Request) -> bool:
-    """Cookies are Secure when the dashboard is served over HTTPS (directly or via a proxy)."""
-    base = request.app.state.settings.public_base_url or str(request.base_url)
-    return base.startswith("https://")
+    """Cookies are Secure unless settings say plain-http loopback (the demo) explicitly.
+
+    Not guessed from the base URL: a deployment behind a TLS proxy that forgot its
+    public URL would otherwise send the session id over any plain-http request.
+    """
+    return bool(request.app.state.settings.session_cookie_secure)
 
 
-def set_session(response: Response, request: Request, token: str, max_age: int) -> None:
-    response.set_cookie(SESSION_COOKIE, token, max_age=max_age, httponly=True,
+def set_session(response: Response, request: Request, session_id: str, max_age: int) -> None:
+    """The session cookie: the random id of a server-side session, never a token."""
+    response.set_cookie(SESSION_COOKIE, session_id, max_age=max_age, httponly=True,
                         samesite="strict", secure=secure_cookies(request), path="/")
 
 
@@ -211,16 +218,12 @@ class DashboardRoute(APIRoute):
         return route_handler
 
 
-def current_user(request: Request) -> Principal:
-    """The verified dashboard user from the session cookie; redirect to login otherwise."""
-    token = request.cookies.get(SESSION_COOKIE)
-    if not token:
+def current_user(request: Request, session: SessionDep) -> Principal:
+    """The signed-in dashboard user of the session cookie; redirect to login otherwise."""
+    session_id = request.cookies.get(SESSION_COOKIE)
+    principal = session_principal(session, session_id) if session_id else None
+    if principal is None:
         raise LoginRequired
-    verifier: TokenVerifier = request.app.state.token_verifier
-    try:
-        principal = verifier.verify(token)
-    except AuthError:
-        raise LoginRequired from None
     if principal.is_system:
         raise Forbidden("System clients cannot use the dashboard.")
     # The access-log middleware records every request that has a principal.

@@ -121,7 +121,9 @@ def _settings(root: Path) -> Settings:
     return Settings(environment="demo", database_url=f"sqlite:///{root / 'clinfuse.db'}",
                     data_dir=root / "data", cache_dir=root / "cache",
                     model_path=root / "model", model_trusted_keys=[root / "model.key.pub"],
-                    auth_builtin_issuer=True)
+                    auth_builtin_issuer=True,
+                    # Served on plain-http loopback, as the demo: cookies without Secure.
+                    session_cookie_secure=False)
 
 
 def copy_seeded(source: Path, root: Path) -> SeededDemo:

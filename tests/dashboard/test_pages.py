@@ -47,8 +47,11 @@ def _explanation() -> dict[str, Any]:
 
 @pytest.fixture
 def client(tmp_path: Path) -> Iterator[TestClient]:
+    # Plain http on loopback, as the demo: cookies without Secure (TestClient, like a
+    # browser, sends Secure cookies only over https).
     settings = Settings(environment="demo", database_url=f"sqlite:///{tmp_path / 'db.sqlite'}",
-                        data_dir=tmp_path / "data", auth_builtin_issuer=True)
+                        data_dir=tmp_path / "data", auth_builtin_issuer=True,
+                        session_cookie_secure=False)
     app = create_app(settings)
     with TestClient(app, base_url=BASE) as test_client:
         record = PatientRecord(

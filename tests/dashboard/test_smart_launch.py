@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from services.auth import smart_launch
 from services.auth.backend_services import add_user
 from services.auth.principal import Role
+from services.auth.sign_in import check_password
 from services.auth.tokens import AuthError, LocalIssuer, TokenVerifier
 from services.db import session_factory
 from services.tables import PatientRow
@@ -58,8 +59,8 @@ def test_code_exchange_carries_patient_and_is_single_use(issuer: LocalIssuer,
     verifier = smart_launch.new_code_verifier()
     auth = _request(issuer, verifier)
     assert auth.patient == "a" * 32
-    code = smart_launch.issue_code(issuer, auth, smart_launch.verify_user(session, "dr.lee",
-                                                                          "clinician-pw"))
+    code = smart_launch.issue_code(issuer, auth, check_password(session, "dr.lee",
+                                                                "clinician-pw"))
     kwargs = {"code": code, "redirect_uri": REDIRECT,
               "client_id": smart_launch.DASHBOARD_CLIENT_ID, "ttl_s": 600}
     with pytest.raises(AuthError, match="code_verifier does not match"):
@@ -79,7 +80,7 @@ def test_code_exchange_carries_patient_and_is_single_use(issuer: LocalIssuer,
 def test_a_code_is_not_an_access_token(issuer: LocalIssuer, session: Session) -> None:
     verifier = smart_launch.new_code_verifier()
     code = smart_launch.issue_code(issuer, _request(issuer, verifier),
-                                   smart_launch.verify_user(session, "dr.lee", "clinician-pw"))
+                                   check_password(session, "dr.lee", "clinician-pw"))
     with pytest.raises(AuthError):
         TokenVerifier([issuer.trusted()], audience="clinfuse").verify(code)
 

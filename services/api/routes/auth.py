@@ -16,7 +16,8 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import JSONResponse, Response
 
 from services.api.deps import SessionDep, SettingsDep, base_url
-from services.auth import backend_services, smart_launch
+from services.auth import backend_services, sign_in, smart_launch
+from services.auth.endpoints import TOKEN_ENDPOINT_UNCONFIGURED, configured_token_endpoint
 from services.auth.scopes import CLINFUSE_SCOPES
 from services.auth.tokens import AuthError
 
@@ -29,6 +30,10 @@ _TOKEN_ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"description": "invalid_request / unsupported_grant_type / invalid_scope",
           "content": _OAUTH_ERROR},
     401: {"description": "invalid_client or invalid_grant", "content": _OAUTH_ERROR},
+    429: {"description": "too_many_attempts: too many failed sign-ins for the user name or "
+                         "the client address (see Retry-After)", "content": _OAUTH_ERROR},
+    500: {"description": "server_error: the token endpoint's address is not configured",
+          "content": _OAUTH_ERROR},
 }
 _GRANTS = ["password", "client_credentials", "authorization_code"]
 
@@ -57,21 +62,23 @@ def token(request: Request, session: SessionDep, settings: SettingsDep,
         return _oauth_error(400, "unsupported_grant_type",
                             "the built-in issuer is disabled; get tokens from the hospital's "
                             "authorization server")
-    endpoint = base_url(request, settings, "/auth/token")
     try:
         if grant_type == "password":
-            if not settings.builtin_issuer_enabled or settings.environment != "demo":
-                return _oauth_error(400, "unsupported_grant_type",
-                                    "local logins exist only in the demo environment")
+            sign_in.require_local_sign_in(settings)
             if not username or not password:
                 return _oauth_error(400, "invalid_request", "username and password are required")
-            access = backend_services.password_grant(session, issuer, username, password,
+            user = sign_in.sign_in_local_user(request.app.state.sessions, settings, username,
+                                              password, address=sign_in.client_address(request))
+            access = backend_services.password_grant(session, issuer, user,
                                                      ttl_s=settings.auth_token_ttl_s)
         elif grant_type == "client_credentials":
             if client_assertion_type != backend_services.JWT_BEARER or not client_assertion:
                 return _oauth_error(400, "invalid_request",
                                     f"client_assertion_type must be {backend_services.JWT_BEARER}"
                                     " with a client_assertion")
+            endpoint = configured_token_endpoint(settings)
+            if endpoint is None:
+                return _oauth_error(500, "server_error", TOKEN_ENDPOINT_UNCONFIGURED)
             access = backend_services.client_credentials_grant(
                 session, issuer, client_assertion, token_endpoint=endpoint, scope=scope or "",
                 ttl_s=min(settings.auth_token_ttl_s, 3600))
@@ -79,6 +86,8 @@ def token(request: Request, session: SessionDep, settings: SettingsDep,
             if not code or not redirect_uri or not client_id or not code_verifier:
                 return _oauth_error(400, "invalid_request", "code, redirect_uri, client_id "
                                     "and code_verifier (PKCE) are required")
+            # Codes name local users: redeemed under the same rule as they sign in.
+            sign_in.require_local_sign_in(settings)
             access = smart_launch.exchange_code(session, issuer, code=code,
                                                 redirect_uri=redirect_uri, client_id=client_id,
                                                 code_verifier=code_verifier,
@@ -86,8 +95,13 @@ def token(request: Request, session: SessionDep, settings: SettingsDep,
         else:
             return _oauth_error(400, "unsupported_grant_type",
                                 f"grant_type {grant_type[:40]!r} is not supported")
+    except sign_in.TooManySignInFailures as exc:
+        response = _oauth_error(429, exc.error, exc.message)
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
     except AuthError as exc:
-        return _oauth_error(400 if exc.error == "invalid_scope" else 401, exc.error, exc.message)
+        status = 400 if exc.error in ("invalid_scope", "unsupported_grant_type") else 401
+        return _oauth_error(status, exc.error, exc.message)
     return JSONResponse(access, headers={"Cache-Control": "no-store", "Pragma": "no-cache"})
 
 
@@ -108,7 +122,7 @@ def authorize(request: Request) -> Response:
 @router.post("/auth/authorize", summary="Sign in and consent; redirects back with a code",
              response_class=Response, include_in_schema=False,
              responses={303: {"description": "back to the client with a code or error"}})
-async def authorize_submit(request: Request, session: SessionDep) -> Response:
+async def authorize_submit(request: Request) -> Response:
     from starlette.concurrency import run_in_threadpool
 
     from services.dashboard.consent import authorize_post
@@ -116,7 +130,7 @@ async def authorize_submit(request: Request, session: SessionDep) -> Response:
     form = await request.form(max_files=0, max_fields=32)
     fields = {k: v[:4000] for k, v in form.items() if isinstance(v, str)}
     # Password hashing is CPU-bound: off the event loop.
-    return await run_in_threadpool(authorize_post, request, session, fields)
+    return await run_in_threadpool(authorize_post, request, fields)
 
 
 @router.get("/auth/jwks.json", summary="The built-in issuer's public keys (JWKS)")
@@ -128,7 +142,9 @@ def jwks(request: Request) -> dict[str, Any]:
 @router.get("/.well-known/smart-configuration",
             summary="SMART App Launch / Backend Services configuration")
 def smart_configuration(request: Request, settings: SettingsDep) -> dict[str, Any]:
-    token_endpoint = settings.auth_token_endpoint or base_url(request, settings, "/auth/token")
+    # The endpoint whose URL a client assertion's aud must name: never the Host header's.
+    token_endpoint = (configured_token_endpoint(settings)
+                      or base_url(request, settings, "/auth/token"))
     config: dict[str, Any] = {
         "issuer": settings.auth_issuer or settings.auth_builtin_issuer_id,
         "jwks_uri": settings.auth_jwks_url or base_url(request, settings, "/auth/jwks.json"),
