@@ -35,7 +35,9 @@ __all__ = ["JsonFormatter", "Metrics", "RequestContextMiddleware", "configure_lo
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id",
                                                                            default=None)
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+#: An incoming X-Request-ID is echoed and logged only if it is this (whole: ``$`` would
+#: let a trailing newline through); else the request gets an id of its own.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 #: The methods that get a label of their own; any other string a client sends is
 #: "other", so made-up methods cannot grow the metrics (one series per label set).
 METRIC_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -138,7 +140,7 @@ class RequestContextMiddleware(BaseHTTPMiddleware):
 
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
         incoming = request.headers.get("x-request-id", "")
-        rid = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        rid = incoming if _REQUEST_ID.fullmatch(incoming) else uuid.uuid4().hex
         token = request_id_var.set(rid)
         started = time.perf_counter()
         status = 500

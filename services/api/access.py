@@ -10,6 +10,7 @@ status to the hash-chained access log.
 from __future__ import annotations
 
 import logging
+import re
 
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -24,6 +25,21 @@ log = logging.getLogger(__name__)
 
 _ACTIONS = {"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write",
             "DELETE": "delete"}
+
+
+#: Anything but printable ASCII (HL7 codes, "system|code"): CR/LF, terminal escapes.
+_NOT_PRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def stated_purpose(request: Request) -> str | None:
+    """The caller's purpose of use (``X-Purpose-Of-Use``), as the access log keeps it.
+
+    At most 128 characters, each printable ASCII (others become ``?``): the value is
+    the client's own, and it is shown again in access-log exports and pages.
+    """
+    value = request.headers.get("x-purpose-of-use")
+    cleaned = _NOT_PRINTABLE.sub("?", value[:128]).strip() if value else ""
+    return cleaned or None
 
 
 def route_template(request: Request) -> str:
@@ -44,13 +60,13 @@ class AccessLogMiddleware(BaseHTTPMiddleware):
         action = getattr(request.state, "access_action", None) or _ACTIONS.get(
             request.method, request.method.lower())
         resource = f"{request.method} {route_template(request)}"
-        purpose = request.headers.get("x-purpose-of-use")
+        purpose = stated_purpose(request)
         patients = getattr(request.state, "patient_ids", None) or [
             getattr(request.state, "patient_id", None)]
         try:
             await run_in_threadpool(access_log.record_many, principal, action=action,
                                     resource=resource, patient_ids=list(patients),
-                                    purpose=purpose[:128] if purpose else None,
+                                    purpose=purpose,
                                     status=response.status_code)
         except Exception as exc:
             # An access that cannot be logged must not be served: fail closed.

@@ -160,8 +160,9 @@ AccessLogDep = Annotated[AccessLog, Depends(get_access_log)]
 
 def purpose_of_use(request: Request) -> str | None:
     """The caller's stated purpose of use (HL7 PurposeOfUse code), if any."""
-    value = request.headers.get("x-purpose-of-use")
-    return value[:128] if value else None
+    from services.api.access import stated_purpose
+
+    return stated_purpose(request)
 
 
 async def read_limited_body(request: Request, limit: int) -> bytes:
