@@ -6,6 +6,20 @@ its newest entries were cut off, so the head is checkpointed at intervals with a
 Ed25519 signature: a tail truncated below a signed checkpoint is detected. Entries
 after the newest checkpoint are only as safe as the database; checkpoints are also
 written at shutdown, which keeps that window small.
+
+Checkpoints are chained in turn: each signs the previous checkpoint's hash and the
+number of entries stored, so deleting a checkpoint breaks the chain and deleting an
+entry below one changes the count. Someone who can write the database can still delete
+the newest entries *together with* every checkpoint above them, leaving a shorter log
+that is consistent in itself; only a copy of the checkpoints outside the database shows
+that. So each checkpoint is also appended, as one JSON line, to the file named by
+``CLINFUSE_ACCESS_LOG_CHECKPOINT_FILE``, and :func:`verify_chain` checks the database
+against it. Keeping that file where the database's writers cannot rewrite it
+(append-only or WORM storage, another host) is the operator's part.
+
+Checkpoints written before the chain existed (migration 0007) carry no previous hash
+and no count; they verify as before, and the first chained checkpoint links to the
+newest of them, so the chain starts there.
 """
 
 from __future__ import annotations
@@ -14,6 +28,7 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -40,8 +55,10 @@ from services.core.config import Settings
 from services.db import session_scope
 from services.tables import AccessLogCheckpointRow, AccessLogRow
 
-__all__ = ["GENESIS", "AccessLog", "ChainReport", "entry_hash", "pseudonym", "pseudonym_secret",
-           "verify_chain"]
+__all__ = ["GENESIS", "AccessLog", "ChainReport", "Checkpoint", "entry_hash", "pseudonym",
+           "pseudonym_secret", "verify_chain"]
+
+log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 PSEUDONYM_KEY_FILE = "pseudonym.key"
@@ -63,8 +80,60 @@ def _iso(at: datetime) -> str:
     return at.astimezone(UTC).isoformat(timespec="microseconds")
 
 
-def _checkpoint_message(seq: int, head_hash: str, at: datetime) -> bytes:
-    return f"clinfuse-access-log-checkpoint/1\n{seq}\n{head_hash}\n{_iso(at)}".encode()
+@dataclass(frozen=True)
+class Checkpoint:
+    """One signed checkpoint, as stored in the database or exported to the file.
+
+    ``prev_hash`` and ``entry_count`` are None in checkpoints from before the chain
+    (format 1); their signature covers only the head.
+    """
+
+    seq: int
+    head_hash: str
+    at: datetime
+    key_id: str
+    signature: str
+    prev_hash: str | None = None
+    entry_count: int | None = None
+
+    @classmethod
+    def of(cls, row: AccessLogCheckpointRow) -> Checkpoint:
+        return cls(row.seq, row.head_hash, row.at, row.key_id, row.signature, row.prev_hash,
+                   row.entry_count)
+
+    @classmethod
+    def from_json(cls, line: str) -> Checkpoint:
+        """One exported line; ValueError (or KeyError, TypeError) if it is not one."""
+        data = json.loads(line)
+        return cls(int(data["seq"]), str(data["head_hash"]),
+                   datetime.fromisoformat(data["at"]), str(data["key_id"]),
+                   str(data["signature"]), data.get("prev_hash"), data.get("entry_count"))
+
+    def to_json(self) -> str:
+        return json.dumps({"format": 1 if self.prev_hash is None else 2, "seq": self.seq,
+                           "head_hash": self.head_hash, "at": _iso(self.at),
+                           "entry_count": self.entry_count, "prev_hash": self.prev_hash,
+                           "key_id": self.key_id, "signature": self.signature,
+                           "hash": self.hash()}, separators=(",", ":"))
+
+    def message(self) -> bytes:
+        """What the signature covers."""
+        if self.prev_hash is None:
+            return f"clinfuse-access-log-checkpoint/1\n{self.seq}\n{self.head_hash}\n" \
+                   f"{_iso(self.at)}".encode()
+        return (f"clinfuse-access-log-checkpoint/2\n{self.seq}\n{self.head_hash}\n"
+                f"{_iso(self.at)}\n{self.entry_count}\n{self.prev_hash}").encode()
+
+    def hash(self) -> str:
+        """What the next checkpoint names as its ``prev_hash``."""
+        return hashlib.sha256(self.message()).hexdigest()
+
+    def signed_by(self, key: Ed25519PublicKey) -> bool:
+        try:
+            key.verify(base64.b64decode(self.signature), self.message())
+        except (InvalidSignature, ValueError):
+            return False
+        return True
 
 
 def pseudonym_secret(settings: Settings) -> bytes:
@@ -114,8 +183,11 @@ class AccessLog:
     """Appends entries and writes signed checkpoints of the chain head."""
 
     def __init__(self, sessions: sessionmaker[Session], key_path: Path, *,
-                 checkpoint_every: int = 100, checkpoint_interval_s: float = 300.0) -> None:
+                 checkpoint_every: int = 100, checkpoint_interval_s: float = 300.0,
+                 checkpoint_file: Path | None = None) -> None:
         self.sessions = sessions
+        #: Each checkpoint is also appended here as a JSON line (append-only storage).
+        self.checkpoint_file = checkpoint_file
         if not key_path.exists():
             key_path.parent.mkdir(parents=True, exist_ok=True)
             generate_signing_key(key_path)
@@ -216,21 +288,66 @@ class AccessLog:
                                .limit(1)).one_or_none()
 
     def checkpoint(self) -> AccessLogCheckpointRow | None:
-        """Sign the current chain head; None when the log is empty."""
+        """Sign the current chain head, the entry count and the previous checkpoint's
+        hash; then append the checkpoint to the checkpoint file. None when the log is
+        empty."""
+        error: Exception | None = None
+        for attempt in range(20):
+            try:
+                row = self._write_checkpoint()
+                break
+            except (IntegrityError, OperationalError) as exc:
+                # Another process extended the same checkpoint first (prev_hash is
+                # unique) or, on SQLite, holds the write lock: read the newest again.
+                error = exc
+                time.sleep(0.005 * (attempt + 1))
+        else:
+            raise RuntimeError("could not write an access-log checkpoint") from error
+        if row is None:
+            return None
+        self._since_checkpoint = 0
+        self._last_checkpoint = time.monotonic()
+        self._export(Checkpoint.of(row))
+        return row
+
+    def _write_checkpoint(self) -> AccessLogCheckpointRow | None:
         with self._lock, session_scope(self.sessions) as session:
+            if session.get_bind().dialect.name == "postgresql":
+                session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _PG_LOCK_ID})
             last = session.scalars(select(AccessLogRow).order_by(AccessLogRow.seq.desc())
                                    .limit(1)).one_or_none()
             if last is None:
                 return None
-            at = datetime.now(UTC)
-            signature = self._key.sign(_checkpoint_message(last.seq, last.hash, at))
-            row = AccessLogCheckpointRow(seq=last.seq, head_hash=last.hash, at=at,
-                                         key_id=self.key_id,
-                                         signature=base64.b64encode(signature).decode())
+            previous = session.scalars(select(AccessLogCheckpointRow)
+                                       .order_by(AccessLogCheckpointRow.id.desc())
+                                       .limit(1)).one_or_none()
+            count = session.scalar(select(func.count()).select_from(AccessLogRow)) or 0
+            unsigned = Checkpoint(last.seq, last.hash, datetime.now(UTC), self.key_id, "",
+                                  Checkpoint.of(previous).hash() if previous else GENESIS,
+                                  int(count))
+            signature = base64.b64encode(self._key.sign(unsigned.message())).decode()
+            row = AccessLogCheckpointRow(seq=unsigned.seq, head_hash=unsigned.head_hash,
+                                         at=unsigned.at, key_id=self.key_id,
+                                         signature=signature, prev_hash=unsigned.prev_hash,
+                                         entry_count=unsigned.entry_count)
             session.add(row)
-        self._since_checkpoint = 0
-        self._last_checkpoint = time.monotonic()
         return row
+
+    def _export(self, checkpoint: Checkpoint) -> None:
+        """Append one JSON line, synced, after the database commit: a line in the file is
+        a checkpoint the database held."""
+        if self.checkpoint_file is None:
+            return
+        try:
+            self.checkpoint_file.parent.mkdir(parents=True, exist_ok=True)
+            with self.checkpoint_file.open("a", encoding="utf-8") as fh:
+                fh.write(checkpoint.to_json() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            # The checkpoint is in the database; verification reports it missing from the
+            # file, so a failing export is seen there too.
+            log.error("access-log checkpoint export failed (%s)", type(exc).__name__)
 
 
 @dataclass
@@ -248,15 +365,19 @@ class ChainReport:
 
 
 def verify_chain(session: Session, public_key: Ed25519PublicKey | Path | str,
-                 *, batch: int = 5000) -> ChainReport:
-    """Recompute every hash and check every signed checkpoint against the rows."""
+                 *, batch: int = 5000, exported: Path | None = None) -> ChainReport:
+    """Recompute every hash, check every signed checkpoint against the rows and the
+    checkpoint chain, and, with ``exported``, the database against the exported file."""
     key = load_public_key(public_key)
     report = ChainReport()
     prev_hash, expected_seq = GENESIS, 1
     hashes_at: dict[int, str] = {}
+    rows_up_to: dict[int, int] = {}  # checkpoint seq -> entries stored with seq <= it
     checkpoints = session.scalars(select(AccessLogCheckpointRow)
-                                  .order_by(AccessLogCheckpointRow.seq)).all()
-    wanted = {c.seq for c in checkpoints}
+                                  .order_by(AccessLogCheckpointRow.id)).all()
+    wanted = sorted({c.seq for c in checkpoints})
+    wanted_set = set(wanted)
+    pending = 0  # index into wanted of the next checkpoint seq not yet passed
     last_seq = 0
     while True:
         rows = session.scalars(select(AccessLogRow).where(AccessLogRow.seq >= expected_seq)
@@ -264,6 +385,9 @@ def verify_chain(session: Session, public_key: Ed25519PublicKey | Path | str,
         if not rows:
             break
         for row in rows:
+            while pending < len(wanted) and wanted[pending] < row.seq:
+                rows_up_to[wanted[pending]] = report.entries
+                pending += 1
             if row.seq != expected_seq:
                 report.problems.append(f"entries {expected_seq}..{row.seq - 1} are missing "
                                        "(deleted)")
@@ -273,27 +397,81 @@ def verify_chain(session: Session, public_key: Ed25519PublicKey | Path | str,
             if entry_hash(row) != row.hash:
                 report.problems.append(f"entry {row.seq}: its contents do not match its hash "
                                        "(edited)")
-            if row.seq in wanted:
+            if row.seq in wanted_set:
                 hashes_at[row.seq] = row.hash
             prev_hash, expected_seq, last_seq = row.hash, row.seq + 1, row.seq
             report.entries += 1
+    for seq in wanted[pending:]:
+        rows_up_to[seq] = report.entries
     count = session.scalar(select(func.count()).select_from(AccessLogRow)) or 0
     if count != report.entries:
         report.problems.append(f"{count} entries stored but {report.entries} read in order")
-    for c in checkpoints:
+    previous: Checkpoint | None = None
+    for c in map(Checkpoint.of, checkpoints):
         report.checkpoints += 1
-        try:
-            key.verify(base64.b64decode(c.signature), _checkpoint_message(c.seq, c.head_hash,
-                                                                         c.at))
-        except (InvalidSignature, ValueError):
+        expected_prev = previous.hash() if previous is not None else GENESIS
+        previous = c
+        if not c.signed_by(key):
             report.problems.append(f"checkpoint at entry {c.seq}: bad signature (forged or "
                                    "signed with another key)")
             continue
         report.last_checkpoint_seq = c.seq
+        if c.prev_hash is not None and c.prev_hash != expected_prev:
+            report.problems.append(f"checkpoint at entry {c.seq}: the checkpoint before it is "
+                                   "missing or was altered (the checkpoint chain is broken)")
         if c.seq > last_seq:
             report.problems.append(f"checkpoint at entry {c.seq} but the log ends at entry "
                                    f"{last_seq}: its tail was truncated")
-        elif hashes_at.get(c.seq) != c.head_hash:
+            continue
+        if hashes_at.get(c.seq) != c.head_hash:
             report.problems.append(f"checkpoint at entry {c.seq}: the entry's hash differs "
                                    "from the signed head (rewritten)")
+        stored = rows_up_to.get(c.seq, 0)
+        if c.entry_count is not None and stored != c.entry_count:
+            what = "deleted" if stored < c.entry_count else "added"
+            report.problems.append(f"checkpoint at entry {c.seq}: signed over {c.entry_count} "
+                                   f"entries, but {stored} are stored up to it (entries {what})")
+    if exported is not None:
+        _check_exported(report, exported, key, [Checkpoint.of(c) for c in checkpoints],
+                        last_seq)
     return report
+
+
+def _check_exported(report: ChainReport, path: Path, key: Ed25519PublicKey,
+                    stored: list[Checkpoint], last_seq: int) -> None:
+    """Every exported checkpoint must still be in the database, and every database
+    checkpoint since the first exported one must be in the file."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        report.problems.append(f"the exported checkpoints cannot be read ({type(exc).__name__})")
+        return
+    in_database = {c.hash(): index for index, c in enumerate(stored)}
+    first_exported: int | None = None
+    seen: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        try:
+            c = Checkpoint.from_json(line)
+        except (ValueError, KeyError, TypeError):
+            report.problems.append(f"exported checkpoint {number}: not a checkpoint record")
+            continue
+        if not c.signed_by(key):
+            report.problems.append(f"exported checkpoint {number}: bad signature (forged or "
+                                   "signed with another key)")
+            continue
+        seen.add(c.hash())
+        if c.hash() in in_database:
+            index = in_database[c.hash()]
+            first_exported = index if first_exported is None else min(first_exported, index)
+            continue
+        report.problems.append(f"exported checkpoint at entry {c.seq} is not in the database: "
+                               "checkpoints were deleted")
+        if c.seq > last_seq:
+            report.problems.append(f"exported checkpoint at entry {c.seq} but the log ends at "
+                                   f"entry {last_seq}: its tail was truncated")
+    if first_exported is None:
+        return
+    for c in stored[first_exported:]:
+        if c.hash() not in seen:
+            report.problems.append(f"checkpoint at entry {c.seq} is not in the exported "
+                                   "checkpoints (its export failed, or the file was replaced)")

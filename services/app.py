@@ -105,7 +105,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.access_log = AccessLog(
             app.state.sessions, settings.keys_dir / "access-log-ed25519.pem",
             checkpoint_every=settings.access_log_checkpoint_every,
-            checkpoint_interval_s=settings.access_log_checkpoint_interval_s)
+            checkpoint_interval_s=settings.access_log_checkpoint_interval_s,
+            checkpoint_file=settings.access_log_checkpoint_file)
         # The served model, verified now: a missing or corrupt artifact stops start-up.
         # An admin's switch or rollback (model_activations) outlives a restart.
         with session_scope(app.state.sessions) as session:

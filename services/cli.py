@@ -279,8 +279,10 @@ def _verify_access_log(args: argparse.Namespace) -> int:
                              f"at {private}; pass the checkpoint public key (PEM)\n")
             return 2
         key = load_signing_key(private).public_key()
+    exported = (Path(args.checkpoint_file) if args.checkpoint_file
+                else settings.access_log_checkpoint_file)
     with sessions() as session:
-        report = verify_chain(session, key)  # type: ignore[arg-type]
+        report = verify_chain(session, key, exported=exported)  # type: ignore[arg-type]
     if report.ok:
         tail = ("" if report.last_checkpoint_seq is None
                 else f", last checkpoint at entry {report.last_checkpoint_seq}")
@@ -556,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--public-key", default=None,
                    help="Ed25519 public key (PEM) of the checkpoints; default: derived from "
                         "the service's key in CLINFUSE_DATA_DIR/keys")
+    p.add_argument("--checkpoint-file", default=None,
+                   help="the exported checkpoints (JSON lines) to check the database "
+                        "against; default: CLINFUSE_ACCESS_LOG_CHECKPOINT_FILE")
     p.set_defaults(func=_verify_access_log)
 
     p = sub.add_parser("users", help="local users of the built-in (demo) issuer")

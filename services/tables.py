@@ -225,7 +225,12 @@ class AccessLogRow(Base):
 
 
 class AccessLogCheckpointRow(Base):
-    """A signed checkpoint of the access-log chain head; catches a truncated tail."""
+    """A signed checkpoint of the access-log chain head; catches a truncated tail.
+
+    Checkpoints are chained too (migration 0007): each signs the hash of the one before
+    it and the number of entries stored, so a deleted checkpoint breaks the chain.
+    Checkpoints written before 0007 have neither and verify as they always did.
+    """
 
     __tablename__ = "access_log_checkpoints"
 
@@ -235,6 +240,11 @@ class AccessLogCheckpointRow(Base):
     at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     key_id: Mapped[str] = mapped_column(String(80))  # "sha256:" + 64 hex digits
     signature: Mapped[str] = mapped_column(String(256))  # base64 Ed25519
+    #: The previous checkpoint's hash (GENESIS for the first); unique, so two writers
+    #: cannot both extend the same checkpoint and fork the chain. None before 0007.
+    prev_hash: Mapped[str | None] = mapped_column(String(64), unique=True)
+    #: Entries stored when it was signed. None before 0007.
+    entry_count: Mapped[int | None] = mapped_column(Integer)
 
 
 class UserRow(Base):

@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     access_log_checkpoint_every: int = 100
     #: Longest time between two signed access-log checkpoints, in seconds.
     access_log_checkpoint_interval_s: float = 300.0
+    #: A file each signed access-log checkpoint is also appended to (one JSON line), and
+    #: that verification checks the database against; put it where the database's
+    #: writers cannot rewrite it (append-only/WORM storage, another host). None: off.
+    access_log_checkpoint_file: Path | None = None
     #: Secret for patient pseudonyms shown to compliance users; default: a key file.
     pseudonym_secret: str | None = None
 

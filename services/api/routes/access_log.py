@@ -96,7 +96,10 @@ def list_entries(session: SessionDep, settings: SettingsDep, principal: Reviewer
             response_model=ChainVerification)
 def verify(request: Request, session: SessionDep, _: Reviewer) -> ChainVerification:
     access_log: AccessLog = request.app.state.access_log
-    report = verify_chain(session, access_log.public_key)
+    # Against the exported checkpoints too, when they are kept: only they show a tail
+    # deleted together with the checkpoints above it.
+    report = verify_chain(session, access_log.public_key,
+                          exported=access_log.checkpoint_file)
     return ChainVerification(ok=report.ok, entries=report.entries,
                              checkpoints=report.checkpoints,
                              last_checkpoint_seq=report.last_checkpoint_seq,
