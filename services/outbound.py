@@ -164,6 +164,13 @@ def normalize_origin(text: str) -> str:
         raise ValueError(f"outbound origin {text!r}: {exc}") from None
 
 
+def _host_header(scheme: str, host: str, port: int) -> str:
+    """The Host header for a URL's host: the name (not the pinned address), IPv6 bracketed,
+    the port only when it is not the scheme's default (RFC 9110 7.2)."""
+    text = _host_text(host)
+    return text if _DEFAULT_PORTS[scheme] == port else f"{text}:{port}"
+
+
 def _is_loopback_host(host: str) -> bool:
     if host == "localhost":  # RFC 6761: always loopback
         return True
@@ -428,7 +435,8 @@ class OutboundSession:
         started = time.monotonic()
         try:
             self._pin(scheme, host, port)
-            return self._send(method, url, headers or {}, content)
+            return self._send(method, url, _host_header(scheme, host, port), headers or {},
+                              content)
         except _Failure as exc:
             self._log(origin, exc.reason, exc.detail, started)
             raise self._error(exc.reason) from None
@@ -518,13 +526,14 @@ class OutboundSession:
                     http2=False, max_connections=8)
             return self._pool
 
-    def _send(self, method: str, url: str, headers: Mapping[str, str],
+    def _send(self, method: str, url: str, host: str, headers: Mapping[str, str],
               content: bytes | None) -> OutboundResponse:
         left = self.time_left()
         if left <= 0:
             raise httpcore.PoolTimeout("deadline")
-        sent = [(b"User-Agent", b"clinfuse"),
-                *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())]
+        sent = [(b"Host", host.encode("ascii")), (b"User-Agent", b"clinfuse"),
+                *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
+                  if k.lower() != "host")]
         timeouts = {"connect": left, "read": left, "write": left, "pool": left}
         with self._get_pool().stream(method.encode("ascii"), url, headers=sent,
                                      content=content, extensions={"timeout": timeouts}

@@ -292,3 +292,16 @@ def test_callback_token_post_does_not_follow_a_redirect(tmp_path: Path) -> None:
                 assert _sign_in_callback(client).status_code == 403
             assert bounce.requests == ["POST /token"]
         assert elsewhere.requests == []
+
+
+def test_builtin_token_endpoint_is_this_servers_own_address() -> None:
+    # The built-in issuer's endpoint comes from the listening socket (loopback in the
+    # demo, the pod's address in a cluster): http is allowed for it and for it alone.
+    with ScriptedServer(lambda h: send_json(h, {"access_token": "t"})) as own:
+        url = f"{own.origin}/auth/token"
+        with pytest.raises(ValueError):
+            Outbound().with_endpoint(url)  # a configured http endpoint must be listed
+        outbound = Outbound().with_endpoint(url, allow_http=True)
+        assert outbound.request("POST", url, purpose="the authorization server",
+                                content=b"grant_type=x").status == 200
+        assert not outbound.allows(f"http://127.0.0.1:{own.port + 1}/auth/token")
