@@ -52,7 +52,8 @@ class TokenServer:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.port = self.server.server_address[1]
         self.origin = f"http://127.0.0.1:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.02},
+                         daemon=True).start()
 
     def answer(self, status: int, body: Any, media: str = "application/json") -> None:
         raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
@@ -63,11 +64,17 @@ class TokenServer:
         self.server.server_close()
 
 
-@pytest.fixture
-def token_server() -> Iterator[TokenServer]:
+@pytest.fixture(scope="module")
+def shared_token_server() -> Iterator[TokenServer]:
     server = TokenServer()
     yield server
     server.close()
+
+
+@pytest.fixture
+def token_server(shared_token_server: TokenServer) -> TokenServer:
+    shared_token_server.calls.clear()
+    return shared_token_server
 
 
 def _callback(client: TestClient, host: str | None = None, **params: str) -> httpx.Response:
@@ -78,27 +85,36 @@ def _callback(client: TestClient, host: str | None = None, **params: str) -> htt
                       headers=headers, follow_redirects=False)
 
 
-@pytest.fixture
-def client(tmp_path: Path, token_server: TokenServer) -> Iterator[TestClient]:
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory,
+           shared_token_server: TokenServer) -> Iterator[TestClient]:
     """The token endpoint configured to be the loopback stand-in (reachable under the
     outbound policy: a listed loopback origin)."""
-    settings = edge_settings(tmp_path, auth_token_endpoint=f"{token_server.origin}/token",
-                             outbound_allowed_origins=[token_server.origin])
+    origin = shared_token_server.origin
+    settings = edge_settings(tmp_path_factory.mktemp("callback"),
+                             auth_token_endpoint=f"{origin}/token",
+                             outbound_allowed_origins=[origin])
     with running(settings) as test_client:
+        yield test_client
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The default host list (and the test client's own name)."""
+    with running(edge_settings(tmp_path_factory.mktemp("hosts"))) as test_client:
         yield test_client
 
 
 @pytest.mark.parametrize("host", ["169.254.169.254", "evil.example.org", "10.0.0.7:8000",
                                   "attacker.test:443"])
-def test_unknown_host_header_is_refused(tmp_path: Path, host: str) -> None:
-    with running(edge_settings(tmp_path)) as client:
-        assert client.get("/dashboard/login").status_code == 200
-        for path in ("/dashboard/login", "/dashboard/callback",
-                     "/.well-known/smart-configuration", "/fhir/metadata"):
-            answer = client.get(path, headers={"Host": host}, follow_redirects=False)
-            assert answer.status_code == 400, (path, host, answer.status_code)
-        # Probes and scrapes come with the pod's address as Host: they still answer.
-        assert client.get("/healthz", headers={"Host": host}).status_code == 200
+def test_unknown_host_header_is_refused(plain: TestClient, host: str) -> None:
+    assert plain.get("/dashboard/login").status_code == 200
+    for path in ("/dashboard/login", "/dashboard/callback",
+                 "/.well-known/smart-configuration", "/fhir/metadata"):
+        answer = plain.get(path, headers={"Host": host}, follow_redirects=False)
+        assert answer.status_code == 400, (path, host, answer.status_code)
+    # Probes and scrapes come with the pod's address as Host: they still answer.
+    assert plain.get("/healthz", headers={"Host": host}).status_code == 200
 
 
 def test_loopback_and_public_host_are_allowed(tmp_path: Path) -> None:
@@ -109,13 +125,12 @@ def test_loopback_and_public_host_are_allowed(tmp_path: Path) -> None:
             assert client.get("/dashboard/login", headers={"Host": host}).status_code == 200
 
 
-def test_callback_never_posts_to_the_host_header(tmp_path: Path,
+def test_callback_never_posts_to_the_host_header(plain: TestClient,
                                                  token_server: TokenServer) -> None:
     # The Host header names a loopback port (loopback names pass the host check): the old
     # callback posted the code there. Now the built-in endpoint is the socket's address
     # (the test client's "testserver", which does not resolve): nothing reaches the port.
-    with running(edge_settings(tmp_path)) as client:
-        answer = _callback(client, host=f"127.0.0.1:{token_server.port}", code="c0de")
+    answer = _callback(plain, host=f"127.0.0.1:{token_server.port}", code="c0de")
     assert token_server.calls == []
     assert answer.status_code in (403, 502)
 
