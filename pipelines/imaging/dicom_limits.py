@@ -5,7 +5,8 @@ Two kinds of instance are small on the wire and huge in memory:
 - **Deflated Explicit VR Little Endian** (1.2.840.10008.1.2.1.99): the dataset after the
   File Meta is one deflate stream, and deflate squeezes zeros about 1000:1, so 400 KiB
   inflate to 400 MiB. pydicom inflates it all with ``zlib.decompress``, and does so even
-  with ``stop_before_pixels``. :func:`read_part10` inflates with a cap instead.
+  with ``stop_before_pixels``. :func:`read_part10` inflates with a cap instead: the
+  dataset cap, and below it a cap on the inflation ratio.
 - **Encapsulated pixel data** (JPEG, JPEG-LS, JPEG 2000): a few hundred bytes of
   codestream may come with a header that declares 60000 x 60000 pixels and 10 frames,
   or a codestream that itself declares far more pixels than the header's Rows x
@@ -30,7 +31,8 @@ from pydicom.filereader import read_dataset, read_preamble
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 __all__ = [
-    "DEFAULT_MAX_DATASET_BYTES", "DEFAULT_MAX_PIXEL_BYTES", "DeflateError", "DicomLimitError",
+    "DEFAULT_MAX_DATASET_BYTES", "DEFAULT_MAX_INFLATION_RATIO", "DEFAULT_MAX_PIXEL_BYTES",
+    "INFLATION_FLOOR_BYTES", "DeflateError", "DicomLimitError",
     "DicomLimits",
     "check_pixel_budget", "inflate_bounded", "read_part10",
 ]
@@ -47,6 +49,10 @@ DEFAULT_MAX_DATASET_BYTES = 512 * MiB
 #: SamplesPerPixel x bytes per sample. 1 GiB holds a 2,000-frame 512 x 512 16-bit
 #: enhanced CT; the pipeline's float32 copy then takes twice that.
 DEFAULT_MAX_PIXEL_BYTES = 1 * GiB
+#: Default cap on how many times its deflated size a Deflated dataset may inflate (past
+#: INFLATION_FLOOR_BYTES, which any instance may inflate to).
+DEFAULT_MAX_INFLATION_RATIO = 100
+INFLATION_FLOOR_BYTES = 16 * MiB
 
 _CHUNK = 1 * MiB
 _IN_CHUNK = 64 * 1024
@@ -82,15 +88,35 @@ class DicomLimits:
         Most bytes one dataset may occupy, after inflation for the Deflated syntax.
     max_pixel_bytes : int, default 1 GiB
         Most bytes one instance's decoded pixel data may occupy.
+    max_inflation_ratio : int, default 100
+        Past the first 16 MiB, a Deflated dataset may inflate to at most this many
+        times its deflated size; 0 turns the ratio off (the dataset cap still holds).
+        Clinical images deflate 2-20:1, a bomb of zeros about 1000:1: the ratio refuses
+        the bomb at a few tens of MiB where the dataset cap alone would let it take
+        hundreds.
     """
 
     max_dataset_bytes: int = DEFAULT_MAX_DATASET_BYTES
     max_pixel_bytes: int = DEFAULT_MAX_PIXEL_BYTES
+    max_inflation_ratio: int = DEFAULT_MAX_INFLATION_RATIO
 
     def __post_init__(self) -> None:
         for name in ("max_dataset_bytes", "max_pixel_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_inflation_ratio < 0:
+            raise ValueError("max_inflation_ratio must be 0 (off) or positive, got "
+                             f"{self.max_inflation_ratio}")
+
+    def inflation_limit(self, deflated_bytes: int) -> tuple[int, str]:
+        """How far a deflated stream of ``deflated_bytes`` may inflate, and which cap
+        that is (for the error)."""
+        if self.max_inflation_ratio:
+            by_ratio = max(INFLATION_FLOOR_BYTES, self.max_inflation_ratio * deflated_bytes)
+            if by_ratio < self.max_dataset_bytes:
+                return by_ratio, (f"{self.max_inflation_ratio} times its deflated size, the "
+                                  "inflation-ratio cap")
+        return self.max_dataset_bytes, "the dataset cap"
 
 
 DEFAULT_LIMITS = DicomLimits()
@@ -103,7 +129,8 @@ def size_text(n: int) -> str:
     return f"{n / MiB:.4g} MiB" if n >= MiB else f"{n} bytes"
 
 
-def inflate_bounded(deflated: bytes | memoryview, limit: int) -> bytes:
+def inflate_bounded(deflated: bytes | memoryview, limit: int, *,
+                    cap: str = "the dataset cap") -> bytes:
     """Inflate a raw deflate stream (no zlib header), refusing output over ``limit`` bytes.
 
     The stream is first inflated chunk by chunk and its output counted and dropped, so
@@ -130,8 +157,8 @@ def inflate_bounded(deflated: bytes | memoryview, limit: int) -> bytes:
         total += len(out)
         if total > limit:
             raise DicomLimitError(
-                f"the deflated dataset inflates to more than {size_text(limit)} (the "
-                "dataset cap); refused unread as a possible decompression bomb")
+                f"the deflated dataset inflates to more than {size_text(limit)} ({cap}); "
+                "refused unread as a possible decompression bomb")
         return out
 
     try:
@@ -183,7 +210,7 @@ def read_part10(data: bytes | Path, *, limits: DicomLimits | None = None,
                               f"{size_text(limits.max_dataset_bytes)} dataset cap")
     if _is_deflated(data):
         raw = data.read_bytes() if isinstance(data, Path) else data
-        ds = _read_deflated(raw, limits.max_dataset_bytes, stop_before_pixels)
+        ds = _read_deflated(raw, limits, stop_before_pixels)
         if isinstance(data, Path):
             ds.filename = str(data)
         return ds
@@ -211,7 +238,8 @@ def _meta_says_deflated(fp: io.BufferedIOBase | io.BytesIO) -> bool:
     return bool(meta.get("TransferSyntaxUID") == DeflatedExplicitVRLittleEndian)
 
 
-def _read_deflated(data: bytes, limit: int, stop_before_pixels: bool) -> FileDataset:
+def _read_deflated(data: bytes, limits: DicomLimits, stop_before_pixels: bool
+                   ) -> FileDataset:
     """What ``pydicom.filereader.read_partial`` does for the Deflated syntax, with the
     one unbounded ``zlib.decompress`` replaced by :func:`inflate_bounded`."""
     # pydicom has no public reader of the File Meta from a buffer; this private one is
@@ -221,7 +249,9 @@ def _read_deflated(data: bytes, limit: int, stop_before_pixels: bool) -> FileDat
     fp = io.BytesIO(data)
     preamble = read_preamble(fp, False)
     meta = _read_file_meta_info(fp)
-    inflated = io.BytesIO(inflate_bounded(memoryview(data)[fp.tell():], limit))
+    deflated = memoryview(data)[fp.tell():]
+    limit, cap = limits.inflation_limit(len(deflated))
+    inflated = io.BytesIO(inflate_bounded(deflated, limit, cap=cap))
     dataset = read_dataset(inflated, False, True,
                            stop_when=_at_pixel_data if stop_before_pixels else None)
     ds = FileDataset(inflated, dataset, preamble, meta, False, True)

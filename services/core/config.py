@@ -62,6 +62,10 @@ class Settings(BaseSettings):
     #: samples x bytes per sample, and each JPEG/JPEG 2000 codestream's own size), checked
     #: before any decoding; STOW-RS and C-STORE refuse a larger instance (0xA700).
     dicom_max_pixel_bytes: int = 1024 * 1024 * 1024
+    #: Past its first 16 MiB, a Deflated DICOM dataset may inflate to at most this many
+    #: times its deflated size (clinical images deflate 2-20:1, a bomb of zeros 1000:1);
+    #: 0 turns the ratio off, leaving the dataset cap.
+    dicom_max_inflation_ratio: int = 100
     #: Peer addresses or CIDR networks allowed to connect to the C-STORE SCP; others are
     #: closed unread. Off loopback the SCP needs this or mutual TLS (a client CA), or it
     #: refuses to start: an AE title is no credential.
@@ -219,7 +223,8 @@ class Settings(BaseSettings):
         from pipelines.imaging.dicom_limits import DicomLimits
 
         return DicomLimits(max_dataset_bytes=self.dicom_max_dataset_bytes,
-                           max_pixel_bytes=self.dicom_max_pixel_bytes)
+                           max_pixel_bytes=self.dicom_max_pixel_bytes,
+                           max_inflation_ratio=self.dicom_max_inflation_ratio)
 
     @property
     def dicom_storage_dir(self) -> Path:

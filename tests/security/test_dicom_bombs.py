@@ -35,6 +35,9 @@ from tests.services.service_support import bearer
 
 #: Small caps keep the tests fast; the bombs exceed them four times over.
 SMALL = DicomLimits(max_dataset_bytes=8 * MiB, max_pixel_bytes=64 * MiB)
+#: Caps the bombs fit under, the inflation ratio off: an instance an older version stored.
+ROOMY = DicomLimits(max_dataset_bytes=64 * MiB, max_pixel_bytes=64 * MiB,
+                    max_inflation_ratio=0)
 
 
 @pytest.fixture(scope="module")
@@ -106,9 +109,7 @@ def test_an_instance_stored_before_the_caps_is_not_inflated_on_read(
         client: TestClient, bomb: bytes, tmp_path: Path) -> None:
     # Stored through a store without the small caps, as an older version would have.
     app_store: DicomStore = client.app.state.dicom_store  # type: ignore[attr-defined]
-    roomy = DicomStore(app_store.root, app_store.sessions,
-                       limits=DicomLimits(max_dataset_bytes=64 * MiB,
-                                          max_pixel_bytes=64 * MiB))
+    roomy = DicomStore(app_store.root, app_store.sessions, limits=ROOMY)
     assert roomy.store(bomb).ok
     ds = pydicom.dcmread(io.BytesIO(bomb), stop_before_pixels=True)
     url = (f"/dicomweb/studies/{ds.StudyInstanceUID}/series/{ds.SeriesInstanceUID}"
@@ -123,10 +124,17 @@ def test_bounded_reader_stops_at_the_cap(bomb: bytes) -> None:
     with pytest.raises(DicomLimitError, match="inflates to more than 8 MiB"):
         read_part10(bomb, limits=SMALL, stop_before_pixels=True)
     # Under a roomier cap the same bytes read, and the pixel data are all there.
-    ds = read_part10(bomb, limits=DicomLimits(max_dataset_bytes=64 * MiB,
-                                              max_pixel_bytes=64 * MiB))
+    ds = read_part10(bomb, limits=ROOMY)
     assert len(ds.PixelData) >= 32 * MiB
     assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.1.99"
+
+
+def test_the_default_caps_refuse_a_bomb_by_its_inflation_ratio(bomb: bytes) -> None:
+    # 32 MiB is far below the 512 MiB dataset cap, but 1000 times the bomb's size: it is
+    # refused once it passes the 16 MiB every instance may inflate to.
+    assert DicomLimits().max_dataset_bytes > 32 * MiB
+    with pytest.raises(DicomLimitError, match=r"more than 16 MiB \(100 times its deflated"):
+        read_part10(bomb, stop_before_pixels=True)
 
 
 def test_stow_refuses_jpeg2000_with_huge_declared_dimensions(client: TestClient) -> None:
