@@ -13,7 +13,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Literal
 
-from sqlalchemy import delete
+from sqlalchemy import delete, insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -39,9 +39,10 @@ def claim_once(session: Session, kind: OneTimeKind, value: str, expires_at: floa
     digest = hashlib.sha256(f"{kind}\x00{value}".encode()).hexdigest()
     try:
         # A savepoint: a replay fails alone, the caller's transaction goes on.
+        # A Core insert: the ORM would warn about a replayed id already in its identity map.
         with session.begin_nested():
-            session.add(OneTimeIdRow(id_hash=digest, kind=kind,
-                                     expires_at=datetime.fromtimestamp(expires_at, UTC)))
+            session.execute(insert(OneTimeIdRow).values(
+                id_hash=digest, kind=kind, expires_at=datetime.fromtimestamp(expires_at, UTC)))
     except IntegrityError:
         return False
     return True

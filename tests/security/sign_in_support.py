@@ -8,10 +8,13 @@ cookies are never sent back over http, as in a browser).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
+import pytest
+from argon2 import PasswordHasher
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -24,6 +27,20 @@ from services.db import session_scope
 
 HTTPS = "https://testserver"
 USERS = {"dr.lee": ("clinician-pw", Role.clinician), "kim": ("compliance-pw", Role.compliance)}
+
+
+@pytest.fixture
+def cheap_argon2(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """argon2id at test strength (1 pass over 1 MiB, not 3 over 64 MiB): these tests count
+    hashes and sign-ins, not their cost, and a hash records its own parameters."""
+    from services.auth import passwords, sign_in
+
+    monkeypatch.setattr(passwords, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024,
+                                                             parallelism=1))
+    # The dummy hash (unknown users) is made once per process: not at test strength after.
+    sign_in._dummy_hash.cache_clear()
+    yield
+    sign_in._dummy_hash.cache_clear()
 
 
 def settings_for(root: Path, **extra: Any) -> Settings:

@@ -24,11 +24,15 @@ from services.db import session_scope
 from services.tables import DashboardSessionRow
 from tests.security.sign_in_support import (
     add_users,
+    cheap_argon2,  # noqa: F401  (a fixture)
     csrf,
     dashboard_login,
     settings_for,
     started,
 )
+
+#: Cheap argon2 parameters: these tests count hashes and sign-ins, not their cost.
+pytestmark = pytest.mark.usefixtures("cheap_argon2")
 
 
 def _session_cookie(answer: Any) -> str:

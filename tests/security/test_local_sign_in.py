@@ -21,11 +21,15 @@ from tests.security.sign_in_support import (
     add_users,
     authorize_sign_in,
     authorize_url,
+    cheap_argon2,  # noqa: F401  (a fixture)
     dashboard_login,
     password_grant,
     settings_for,
     started,
 )
+
+#: Cheap argon2 parameters: these tests count hashes and sign-ins, not their cost.
+pytestmark = pytest.mark.usefixtures("cheap_argon2")
 
 
 @pytest.fixture

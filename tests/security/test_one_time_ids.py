@@ -29,6 +29,7 @@ from services.auth.principal import Role
 from services.auth.tokens import AuthError, LocalIssuer
 from services.db import make_engine, migrate, session_factory, session_scope
 from services.tables import OneTimeIdRow
+from tests.security.sign_in_support import cheap_argon2  # noqa: F401  (a fixture)
 
 REPO = Path(__file__).resolve().parents[2]
 ORIGIN = "http://127.0.0.1:8000"
@@ -62,7 +63,7 @@ REPLAY = textwrap.dedent("""
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> dict[str, Any]:
+def store(tmp_path: Path, cheap_argon2: None) -> dict[str, Any]:  # noqa: F811
     db = f"sqlite:///{tmp_path / 'db.sqlite'}"
     engine = make_engine(db)
     migrate(engine)
