@@ -7,14 +7,22 @@ resource types, and a ``patient/`` token only its launch patient.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
 
+from fhir_adapters import hl7v2_to_fhir
+from services.api.routes.hl7 import WRITES
 from services.auth.principal import Role
+from services.db import session_scope
+from services.tables import PredictionRow
 from tests.security.scope_support import (
     FHIR,
+    app_of,
     bundle,
     challenge,
     counts,
@@ -124,3 +132,28 @@ def test_patient_scopes_reach_only_the_launch_patient(client: TestClient,
     # The refusal names no patient.
     refusal = client.get(f"/fhir/Patient/{b}", headers=launched).text
     assert a not in refusal and b not in refusal
+
+
+def test_a_prediction_is_read_only_for_its_patients_launch(client: TestClient,
+                                                           patients: tuple[str, str]) -> None:
+    a, b = patients
+    with session_scope(app_of(client).state.sessions) as session:
+        row = PredictionRow(patient_id=b, index_time=datetime(2026, 1, 3, tzinfo=UTC),
+                            model_name="m", model_version="1", probability=0.2,
+                            modalities="ehr", source="fhir")
+        session.add(row)
+        session.flush()
+        prediction = row.id
+    url = f"/predictions/{prediction}"
+    assert client.get(url, headers=token(client, CLIN, "patient/*.rs", patient=b)
+                      ).status_code == 200
+    _refused(client.get(url, headers=token(client, CLIN, "patient/*.rs", patient=a)))
+    assert client.get(url, headers=token(client, CLIN, "user/RiskAssessment.r")
+                      ).status_code == 200
+
+
+def test_the_hl7_scopes_cover_every_type_hl7_writes() -> None:
+    """POST /hl7v2 declares the types fhir_adapters.hl7v2_to_fhir produces."""
+    source = Path(hl7v2_to_fhir.__file__).read_text()
+    produced = set(re.findall(r'"resourceType": "([A-Za-z]+)"', source))
+    assert produced and produced <= {t for t, _ in WRITES.resources}, produced

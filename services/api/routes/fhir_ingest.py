@@ -396,7 +396,11 @@ def capability_statement(request: Request, base: str) -> dict[str, Any]:
     rest: dict[str, Any] = {
         "mode": "server",
         "documentation": "Writes need the integration role; reads the clinician or "
-                         "integration role. Not validated for clinical use.",
+                         "integration role. Each route also needs SMART scopes (v2 .cruds "
+                         "or v1 .read/.write; patient/ scopes reach only the launch "
+                         "patient): see /.well-known/smart-configuration and the "
+                         "service's security documentation. Not validated for clinical "
+                         "use.",
         "security": {
             "cors": False,
             "service": [{"coding": [{
