@@ -26,7 +26,7 @@ from fastapi.testclient import TestClient
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.parameters import Parameters
 from fhir.resources.R4B.riskassessment import RiskAssessment
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, func, select
 
 from fhir_adapters.record import record_from_json
 from models.artifact import generate_signing_key
@@ -219,6 +219,39 @@ def test_predict_posted_bundle(client: TestClient, synth: SynthModel, tmp_path: 
     assert r.status_code == 400
     issue = r.json()["issue"][0]
     assert "birthDate" in issue["expression"][0] and "not a date" not in json.dumps(r.json())
+
+
+def test_a_clinicians_bundle_is_scored_in_memory(client: TestClient, synth: SynthModel) -> None:
+    """Issue 19, finding 5: a read role's Bundle is scored as posted and nothing is stored;
+    the risk is the one the stored path gives the same record (no imaging linked)."""
+    row = synth.rows()[3]
+    bundle = copy.deepcopy(synth.bundle(row))
+    for entry in bundle["entry"]:  # a new MRN: no stored imaging links to this patient
+        for ident in entry["resource"].get("identifier", []):
+            if ident.get("system") == MRN_SYSTEM:
+                ident["value"] = "MRN-WHAT-IF-1"
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "bundle", "resource": bundle},
+        *index_time_parameters(synth.index_time(row))["parameter"]]}
+    app = app_of(client)
+    with session_scope(app.state.sessions) as session:
+        before = (session.scalar(select(func.count()).select_from(PatientRow)),
+                  session.scalar(select(func.count()).select_from(PredictionRow)))
+    r = client.post("/fhir/$predict", json=body, headers={**FHIR, **bearer(app, Role.clinician)})
+    assert r.status_code == 200, r.text
+    unsaved = parameters(r.json())
+    assert unsaved["stored"]["valueBoolean"] is False and "prediction" not in unsaved
+    RiskAssessment.model_validate(unsaved["riskAssessment"]["resource"])
+    with session_scope(app.state.sessions) as session:
+        assert (session.scalar(select(func.count()).select_from(PatientRow)),
+                session.scalar(select(func.count()).select_from(PredictionRow))) == before
+    r = client.post("/fhir/$predict", json=body,
+                    headers={**FHIR, **bearer(app, Role.integration)})
+    assert r.status_code == 200, r.text
+    saved = stored(client, parameters(r.json())["prediction"]["valueId"])
+    probability = unsaved["riskAssessment"]["resource"]["prediction"][0]["probabilityDecimal"]
+    assert saved.probability is not None and abs(probability - saved.probability) < TOL
+    assert saved.modalities == "ehr+note"
 
 
 def test_out_of_population_is_refused_and_stored(client: TestClient, synth: SynthModel) -> None:
