@@ -11,11 +11,12 @@ from __future__ import annotations
 import gzip
 import io
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 from fhir_adapters.errors import IngestError, Issue
 
-__all__ = ["MAX_DECOMPRESSED_BYTES", "gunzip_bounded", "read_bytes"]
+__all__ = ["MAX_DECOMPRESSED_BYTES", "check_gunzip_bounded", "gunzip_bounded", "read_bytes"]
 
 #: Default cap on what one ``.gz`` file may decompress to (1 GiB).
 MAX_DECOMPRESSED_BYTES = 1 << 30
@@ -53,7 +54,23 @@ def read_bytes(path: Path, *, max_decompressed: int = MAX_DECOMPRESSED_BYTES
 def gunzip_bounded(data: bytes, source: str | None = None,
                    max_decompressed: int = MAX_DECOMPRESSED_BYTES) -> bytes:
     """Decompress gzip ``data`` (every member), refusing output over ``max_decompressed``."""
-    chunks: list[bytes] = []
+    return b"".join(_inflated_chunks(data, source, max_decompressed))
+
+
+def check_gunzip_bounded(data: bytes, source: str | None = None,
+                         max_decompressed: int = MAX_DECOMPRESSED_BYTES) -> None:
+    """Raise what :func:`gunzip_bounded` would raise, holding one chunk at a time.
+
+    Inflating a bomb until the cap holds the cap in memory; this pass drops each chunk,
+    so a caller that may receive bombs (a request body) refuses them for the cost of one
+    chunk and inflates for real only what fits.
+    """
+    for _ in _inflated_chunks(data, source, max_decompressed):
+        pass
+
+
+def _inflated_chunks(data: bytes, source: str | None, max_decompressed: int
+                     ) -> Iterator[bytes]:
     total = 0
     try:
         with gzip.GzipFile(fileobj=io.BytesIO(data)) as f:
@@ -64,7 +81,7 @@ def gunzip_bounded(data: bytes, source: str | None = None,
                         "too-long", f"gzip content decompresses to more than "
                         f"{_size(max_decompressed)} (the cap); refused unread as a possible "
                         "gzip bomb"), source=source)
-                chunks.append(chunk)
+                yield chunk
     except EOFError:
         raise IngestError(Issue("structure", "truncated gzip: the compressed stream ends "
                                 f"early (after {total} decompressed bytes)"),
@@ -74,7 +91,6 @@ def gunzip_bounded(data: bytes, source: str | None = None,
         raise IngestError(Issue("structure", "not valid gzip (bad header or corrupt "
                                 f"compressed data after {total} decompressed bytes)"),
                           source=source) from None
-    return b"".join(chunks)
 
 
 def _size(n: int) -> str:

@@ -5,21 +5,16 @@ Bulk Data clients gzip their NDJSON. A few hundred KiB of gzip expand to gigabyt
 as soon as the output passes the cap. The body is inflated twice: first counted and dropped
 chunk by chunk, so refusing a bomb costs one chunk of memory, never the cap; only a
 body that fits is then inflated for real
-(:func:`fhir_adapters.bounded_gzip.gunzip_bounded`).
+(:mod:`fhir_adapters.bounded_gzip`).
 """
 
 from __future__ import annotations
 
-import gzip
-import io
-import zlib
-
-from fhir_adapters.bounded_gzip import gunzip_bounded
-from fhir_adapters.errors import IngestError, Issue
+from fhir_adapters.bounded_gzip import check_gunzip_bounded, gunzip_bounded
+from fhir_adapters.errors import IngestError
 
 __all__ = ["ContentEncodingError", "decoded_body"]
 
-_CHUNK = 1 << 20
 _IDENTITY = {"", "identity"}
 _GZIP = {"gzip", "x-gzip"}
 
@@ -49,29 +44,9 @@ def decoded_body(body: bytes, content_encoding: str | None, *, max_bytes: int) -
         raise ContentEncodingError(415, f"Content-Encoding {encoding[:32]!r} is not supported; "
                                         "send the body as is or with gzip")
     try:
-        _count_within(body, max_bytes)
+        check_gunzip_bounded(body, max_decompressed=max_bytes)
         return gunzip_bounded(body, max_decompressed=max_bytes)
     except IngestError as exc:
         too_long = any(issue.code == "too-long" for issue in exc.issues)
         detail = "; ".join(issue.diagnostics for issue in exc.issues)
         raise ContentEncodingError(413 if too_long else 400, detail) from None
-
-
-def _count_within(body: bytes, max_bytes: int) -> None:
-    """Inflate and drop, one chunk at a time; IngestError ("too-long") past ``max_bytes``.
-
-    Corrupt gzip is left for :func:`gunzip_bounded` to describe.
-    """
-    total = 0
-    try:
-        with gzip.GzipFile(fileobj=io.BytesIO(body)) as f:
-            while chunk := f.read(_CHUNK):
-                total += len(chunk)
-                if total > max_bytes:
-                    size = f"{max_bytes / (1 << 20):g} MiB" if max_bytes >= 1 << 20 \
-                        else f"{max_bytes} bytes"
-                    raise IngestError(Issue(
-                        "too-long", f"gzip content decompresses to more than {size} (the "
-                        "cap); refused unread as a possible gzip bomb"))
-    except (EOFError, OSError, zlib.error):
-        return
