@@ -165,6 +165,13 @@ default="platt-pattern"
         is convex, so there is no epoch noise and no early stopping. "adam" is
         minibatch AdamW with sampled modality dropout and early stopping (needed
         when ``hidden > 0``). "auto": "lbfgs" when ``hidden == 0``, else "adam".
+    bias_l2 : float, default=0.0
+        L2 penalty on each branch's bias ("lbfgs" only). A branch's bias is the logit
+        offset of the rows that have the modality (its inputs are centred), i.e. a
+        missingness-pattern rate; 0 leaves it free. On a small cohort these rates rest
+        on a handful of events each, and a free one ranks held-out patients by the
+        training part's pattern rates, which out-of-fold runs against their own labels
+        (the small cohort's cross-fitted head sets it to its L2; models.fusion_crossfit).
     rank : dict of str -> list of (column indices, k), optional
         Reduced-rank blocks per branch ("lbfgs" only): the weights of each block's
         columns lie in the block's top ``k`` principal directions on the training rows
@@ -199,8 +206,8 @@ default="platt-pattern"
                  min_epochs: int = 20, patience: int = 25, batch_size: int = 256,
                  seed: int = 0, device: str = "auto", calibration: str = "platt-pattern",
                  solver: str = "auto",
-                 rank: Mapping[str, Sequence[tuple[Sequence[int], int]]] | None = None
-                 ) -> None:
+                 rank: Mapping[str, Sequence[tuple[Sequence[int], int]]] | None = None,
+                 bias_l2: float = 0.0) -> None:
         self.modalities = modalities
         self.hidden = hidden
         self.dropout = dropout
@@ -218,6 +225,7 @@ default="platt-pattern"
         self.calibration = calibration
         self.solver = solver
         self.rank = rank
+        self.bias_l2 = bias_l2
 
 
     # -- fitting -----------------------------------------------------------------------
@@ -257,6 +265,8 @@ default="platt-pattern"
             raise ValueError("solver='lbfgs' fits linear branches only; use hidden=0 or "
                              "solver='adam'")
         lbfgs = self.solver == "lbfgs" or (self.solver == "auto" and self.hidden == 0)
+        if self.bias_l2 and not lbfgs:
+            raise ValueError("bias_l2 needs solver 'lbfgs' (or 'auto' with hidden=0)")
         if self.rank and not lbfgs:
             raise ValueError("rank restricts linear branches fitted exactly; it needs "
                              "solver 'lbfgs' (or 'auto' with hidden=0)")
@@ -379,6 +389,9 @@ default="platt-pattern"
                     logit, yt, weight=weight, reduction="sum") / n
                 reg = sum(c * (w[m] ** 2).sum()
                           for c, m in zip(penalty, mods, strict=True))
+                if self.bias_l2:
+                    reg = reg + float(self.bias_l2) * sum((branch[m].linear.bias ** 2).sum()
+                                                          for m in mods)
                 loss = nll + reg
                 loss.backward()  # type: ignore[no-untyped-call]
                 return loss
@@ -513,6 +526,16 @@ default="platt-pattern"
         """Fit ``calibration`` on held-out rows (never the training split); returns self."""
         check_is_fitted(self, "net_")
         logit, contrib, present = self._forward(X, mask, None)
+        return self.calibrate_scores(logit, contrib, present, y)
+
+    def calibrate_scores(self, logit: np.ndarray, contrib: np.ndarray, present: np.ndarray,
+                         y: np.ndarray, bias: np.ndarray | float | None = None
+                         ) -> FusionRiskModel:
+        """Fit ``calibration`` on held-out raw scores: fused logits, per-branch
+        contributions and availability (as :meth:`_forward` gives them), e.g. the
+        out-of-fold scores of heads fitted without each row (``bias``: their global bias,
+        per row; default this head's). Returns self."""
+        check_is_fitted(self, "net_")
         cal = make_calibrator(self.calibration)
         if isinstance(cal, PlattScaling) and cal.per_pattern:
             # A pattern that is rare in the calibration split (imaging missing: ~80
@@ -520,7 +543,7 @@ default="platt-pattern"
             # stands in, masked, for each smaller pattern of its modalities -- the same
             # device as modality dropout -- so each pattern's offset is learned from
             # most of the split, while the rows that really have the pattern still count.
-            z, keys, w, t = self._masked_copies(logit, contrib, present, np.asarray(y))
+            z, keys, w, t = self._masked_copies(logit, contrib, present, np.asarray(y), bias)
             self.calibrator_ = cal.fit(z, t, keys, sample_weight=w)
         else:
             self.calibrator_ = cal.fit(logit, y, self.pattern_keys(present))
@@ -530,9 +553,11 @@ default="platt-pattern"
     MASKED_COPY_WEIGHT: ClassVar[float] = 0.5
 
     def _masked_copies(self, logit: np.ndarray, contrib: np.ndarray, present: np.ndarray,
-                       y: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
+                       y: np.ndarray, bias: np.ndarray | float | None = None
+                       ) -> tuple[np.ndarray, list[str], np.ndarray, np.ndarray]:
         """Rows as observed, plus each row with every non-empty proper subset of its modalities."""
-        bias = float(self.net_.bias.detach()[0])
+        b = np.broadcast_to(np.asarray(float(self.net_.bias.detach()[0]) if bias is None
+                                       else bias, dtype=float), (len(logit),))
         zs, ms, ws, ts = [logit], [present], [np.ones(len(logit))], [y]
         n_mod = present.shape[1]
         for k in range(1, 2**n_mod - 1):
@@ -541,7 +566,7 @@ default="platt-pattern"
                                                                    sub.sum()))
             if not len(rows):
                 continue
-            zs.append(bias + contrib[rows][:, sub].sum(axis=1))
+            zs.append(b[rows] + contrib[rows][:, sub].sum(axis=1))
             ms.append(np.repeat(sub[None, :], len(rows), axis=0))
             ws.append(np.full(len(rows), self.MASKED_COPY_WEIGHT))
             ts.append(y[rows])

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from models.artifact import Artifact
+from models.fusion_crossfit import describe_crossfit
 from models.fusion_simplify import describe_comparison
 from models.note_learner import describe_choice as describe_note_choice
 from models.tabular_learner import describe_choice
@@ -277,6 +278,9 @@ def build_model_card(artifact: Artifact) -> dict[str, Any]:
             "note_learner": _reported(cfg.get("note_learner")),
             "note_learner_text": (describe_note_choice(cfg.get("note_learner"))
                                   if cfg.get("note_learner") else NOT_REPORTED),
+            # Issue 18: small cohorts cross-fit the fusion head (models.fusion_crossfit).
+            "fusion_head": _reported(cfg.get("fusion_crossfit")),
+            "fusion_head_text": describe_crossfit(cfg.get("fusion_crossfit")),
             "demographic_inputs": demographic,
         },
         "decision_thresholds": cfg.get("decision_thresholds"),
@@ -314,6 +318,7 @@ def render_markdown(card: Mapping[str, Any]) -> str:
         f"- **Tabular features:** {card['inputs']['n_tabular_features']}",
         f"- **Tabular learner:** {card['inputs'].get('tabular_learner_text', NOT_REPORTED)}",
         f"- **Note learner:** {card['inputs'].get('note_learner_text', NOT_REPORTED)}",
+        f"- **Fusion head:** {card['inputs'].get('fusion_head_text', NOT_REPORTED)}",
         "",
         "| Attribute (45 CFR 170.315(b)(11)(iv)) | Used as input |", "|---|---|",
     ]

@@ -58,6 +58,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from models.artifact import ArtifactError, generate_signing_key, load_signing_key, save_artifact
 from models.fusion import MODALITIES, Branch, FusionRiskModel
+from models.fusion_crossfit import crossfit_head
 from models.fusion_simplify import compare_fusion_heads
 from models.image_encoder import ImageEncoder
 from models.note_encoder import NoteEncoderUnavailableError, TfidfNoteEncoder
@@ -91,6 +92,9 @@ log = logging.getLogger(__name__)
 
 #: The layout of this package's model config inside the artifact; scoring refuses others.
 MODEL_FORMAT = "clinfuse-late-fusion/1"
+
+#: Below this many patients ``train`` points to ``clinfuse evaluate --cv`` (issue 18).
+SMALL_COHORT_PATIENTS = 500
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "model_name": "clinfuse-late-fusion",
@@ -162,6 +166,28 @@ DEFAULT_CONFIG: dict[str, Any] = {
         # 0) and ships a simpler one only when its inner log-loss is lower by more than
         # one patient-clustered SE of the paired difference; "off" records, never ships.
         "simplify": "auto", "simplify_folds": 3,
+        # Cohorts under this many patients (models.fusion_crossfit): the head is fitted on
+        # the training and validation splits together, its shared L2 chosen by grouped
+        # K-fold CV (one-SE rule) and its calibration fitted on the out-of-fold logits,
+        # instead of both on a validation split of a few dozen patients. 0 (default):
+        # never; opt in with e.g. 500 (SMALL_COHORT_PATIENTS). Not the default: on the
+        # 200-patient hard cohorts (evaluate --cv 5, seeds 200-204) it raised the pooled
+        # out-of-fold AUROC from 0.495 to 0.529 (still 0.06 behind the best baseline),
+        # but on the default synth world's 200-patient test cohort it lowered the fused
+        # AUROC on 300 fresh patients from 0.705 to 0.617 (docs/evaluation/hard-world).
+        # Its L2 grid reaches two decades below fusion.l2's: scored by recalibrated
+        # log-loss, a lightly penalised head (scikit-learn's C = 1 on ~160 rows is about
+        # 3e-4 here) can win where it ranks patients better.
+        "crossfit_below": 0, "crossfit_folds": 5,
+        "crossfit_l2": [0.0003, 0.001, 0.003, 0.01, 0.03, 0.1, 0.3],
+        # Its calibration: a temperature alone. An intercept per missingness pattern rests
+        # on a handful of events each here, and such rates run against held-out labels
+        # (models.fusion_crossfit); 200-patient hard cohorts, 5 seeds, replayed heads:
+        # pooled out-of-fold AUROC 0.529 with "temperature", 0.479 "platt-pattern".
+        "crossfit_calibration": "temperature",
+        # "one-se": the strongest L2 within one SE of the best; "best": the best.
+        # crossfit_bias_penalty: the branch biases get the L2 too (FusionRiskModel.bias_l2).
+        "crossfit_rule": "one-se", "crossfit_bias_penalty": True,
     },
     # The EHR branch's learner (models.tabular_learner): "auto" picks the linear head or
     # gradient-boosted trees (fixed conservative settings) by patient-grouped inner CV
@@ -180,9 +206,6 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "baseline_without_image": True,
 }
 
-
-#: Below this many patients ``train`` points to ``clinfuse evaluate --cv`` (issue 18).
-SMALL_COHORT_PATIENTS = 500
 
 
 class TrainingError(ValueError):
@@ -431,33 +454,34 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
             image_cfg, image_state = None, None
     Xm = {m: X[m] for m in present_mods}
 
-    # Stage 2: fusion.
-    fusion = _fusion_model(cfg, present_mods, seed, ehr_blocks)
-    fusion.fit(_rows(Xm, train_rows), y[train_rows], mask[train_rows],
-               X_val=_rows(Xm, val), y_val=y[val], mask_val=mask[val])
-    fusion.calibrate(_rows(Xm, cal_rows), y[cal_rows], mask[cal_rows])
+    # Stage 2: fusion. A small cohort cross-fits the head on every row (fusion_crossfit).
+    crossfit = len(set(pids)) < int(cfg["fusion"]["crossfit_below"])
+    fusion, crossfit_record, scored = _fit_head(cfg, present_mods, Xm, mask, y, pids,
+                                                train_rows, val, cal_rows, seed, ehr_blocks,
+                                                crossfit)
     baseline = None
     if cfg["baseline_without_image"] and "image" in present_mods and len(present_mods) > 1:
         # The comparison model for "what do images add": same inputs minus images,
         # retrained (fusion stage only, cheap) rather than merely masked.
         keep = [j for j, m in enumerate(present_mods) if m != "image"]
-        others = tuple(present_mods[j] for j in keep)
-        baseline = _fusion_model(cfg, others, seed, ehr_blocks)
-        baseline.fit(_rows({m: Xm[m] for m in others}, train_rows), y[train_rows],
-                     mask[train_rows][:, keep], X_val=_rows({m: Xm[m] for m in others}, val),
-                     y_val=y[val], mask_val=mask[val][:, keep])
-        baseline.calibrate(_rows({m: Xm[m] for m in others}, cal_rows), y[cal_rows],
-                           mask[cal_rows][:, keep])
-    p_val = fusion.predict_proba(_rows(Xm, val), mask[val])[:, 1]
-    metrics = {"split": "validation", "overall": _metrics(y[val], p_val),
-               "calibrated_on": cfg["calibration_split"],
-               "note": ("calibration was fitted on this split, so its ECE is optimistic"
-                        if cfg["calibration_split"] == "validation" else None),
-               "n_examples": len(val), "n_events": int(y[val].sum())}
-    alone = fusion.per_modality_logits(_rows(Xm, val), mask[val])
+        others = [present_mods[j] for j in keep]
+        baseline, _, _ = _fit_head(cfg, others, {m: Xm[m] for m in others}, mask[:, keep], y,
+                                   pids, train_rows, val, cal_rows, seed, ehr_blocks, crossfit)
+    eval_rows, p_val, alone = scored
+    metrics: dict[str, Any] = {
+        "split": "cross-fitted" if crossfit else "validation",
+        "overall": _metrics(y[eval_rows], p_val),
+        "calibrated_on": ("cross-fitted" if crossfit else cfg["calibration_split"]),
+        "note": ("out-of-fold scores of the cross-fitted fusion head (the branch inputs "
+                 "were built on the training split); calibration was fitted on them, so "
+                 "its ECE is optimistic" if crossfit else
+                 "calibration was fitted on this split, so its ECE is optimistic"
+                 if cfg["calibration_split"] == "validation" else None),
+        "n_examples": len(eval_rows), "n_events": int(y[eval_rows].sum())}
+    ye = y[eval_rows]
     metrics["single_modality_auroc_where_present"] = {
-        m: (_auroc_any(y[val][~np.isnan(alone[:, j])], alone[~np.isnan(alone[:, j]), j])
-            if len(np.unique(y[val][~np.isnan(alone[:, j])])) == 2 else None)
+        m: (_auroc_any(ye[~np.isnan(alone[:, j])], alone[~np.isnan(alone[:, j]), j])
+            if len(np.unique(ye[~np.isnan(alone[:, j])])) == 2 else None)
         for j, m in enumerate(present_mods)}
     metrics["image_encoder"] = image_metrics
     log.info("validation: AUROC %.3f, AUPRC %.3f, Brier %.4f, ECE %.4f",
@@ -500,6 +524,7 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         "note_learner": note_choice.record if note_choice is not None else None,
         "calibration": fusion_cfg["calibrator"],
         "fusion_simplification": simplification,
+        "fusion_crossfit": crossfit_record,
         "training": {"seed": seed, "config": _plain(cfg),
                      "seconds": round(time.perf_counter() - started, 1)},
     }
@@ -732,7 +757,9 @@ def ehr_rank_blocks(encoding: TabularEncoding, scaler: TabularPreprocessor | Non
 
 
 #: ``fusion`` config keys that are not FusionRiskModel parameters.
-_NOT_HEAD_PARAMS = ("ehr_rank", "simplify", "simplify_folds")
+_NOT_HEAD_PARAMS = ("ehr_rank", "simplify", "simplify_folds", "crossfit_below",
+                    "crossfit_folds", "crossfit_l2", "crossfit_calibration",
+                    "crossfit_rule", "crossfit_bias_penalty")
 
 
 def _fusion_model(cfg: dict[str, Any], modalities: Sequence[str], seed: int,
@@ -742,6 +769,59 @@ def _fusion_model(cfg: dict[str, Any], modalities: Sequence[str], seed: int,
     rank = {"ehr": ehr_blocks} if ehr_blocks and "ehr" in modalities else None
     return FusionRiskModel(modalities=tuple(modalities), seed=seed, device=cfg["device"],
                            calibration=cfg["calibration"], rank=rank, **params)
+
+
+def _fit_head(cfg: dict[str, Any], mods: Sequence[str], X: dict[str, np.ndarray],
+              mask: np.ndarray, y: np.ndarray, pids: np.ndarray, train_rows: np.ndarray,
+              val: np.ndarray, cal_rows: np.ndarray, seed: int,
+              ehr_blocks: list[tuple[list[int], int]], crossfit: bool
+              ) -> tuple[FusionRiskModel, dict[str, Any] | None,
+                         tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The fitted, calibrated fusion head over ``mods``; its cross-fit record (None when
+    it used the validation split); and its held-out scores ``(rows, P(event), (n, M)
+    calibrated single-modality logits, NaN where absent)`` for the metrics.
+
+    Large cohorts: fitted on the training split, L2 strengths chosen and calibration
+    fitted on the validation / calibration split. Small ones (``crossfit``):
+    :func:`models.fusion_crossfit.crossfit_head` on every row.
+    """
+    if not crossfit:
+        fusion = _fusion_model(cfg, mods, seed, ehr_blocks)
+        fusion.fit(_rows(X, train_rows), y[train_rows], mask[train_rows],
+                   X_val=_rows(X, val), y_val=y[val], mask_val=mask[val])
+        fusion.calibrate(_rows(X, cal_rows), y[cal_rows], mask[cal_rows])
+        p_val = fusion.predict_proba(_rows(X, val), mask[val])[:, 1]
+        return fusion, None, (val, p_val, fusion.per_modality_logits(_rows(X, val), mask[val]))
+    rows = np.arange(len(y))
+    grid = cfg["fusion"]["crossfit_l2"]
+    grid = [float(v) for v in (grid if isinstance(grid, Sequence) else [grid])]
+
+    def make(l2: float) -> FusionRiskModel:
+        # The branch biases (missingness-pattern rates) get the same penalty: see
+        # FusionRiskModel's bias_l2.
+        return _fusion_model({**cfg, "calibration": cfg["fusion"]["crossfit_calibration"],
+                              "fusion": {**cfg["fusion"], "l2": [l2],
+                                         "bias_l2": l2 if cfg["fusion"][
+                                             "crossfit_bias_penalty"] else 0.0}},
+                             mods, seed, ehr_blocks)
+
+    try:
+        cf = crossfit_head(make, X, y, mask, pids, l2_grid=grid,
+                           folds=int(cfg["fusion"]["crossfit_folds"]), random_state=seed,
+                           one_se=cfg["fusion"]["crossfit_rule"] == "one-se")
+    except ValueError as exc:
+        raise TrainingError(f"fusion: {exc}") from None
+    fusion = make(cf.l2)
+    fusion.fit(X, y, mask, X_val=X, y_val=y, mask_val=mask)
+    fusion.calibrate_scores(cf.logit, cf.contrib, cf.present, y, bias=cf.bias)
+    p = 1.0 / (1.0 + np.exp(-fusion.calibrate_logit(cf.logit, cf.present)))
+    alone = np.full(cf.contrib.shape, np.nan)
+    for j in range(len(mods)):
+        only = np.zeros_like(cf.present)
+        only[:, j] = True
+        alone[:, j] = fusion.calibrate_logit(cf.bias + cf.contrib[:, j], only)
+    record = {**cf.record, "modalities": list(mods)}
+    return fusion, record, (rows, p, np.where(cf.present, alone, np.nan))
 
 
 def _tabular_learner(cfg: dict[str, Any], scaled: np.ndarray, raw: np.ndarray, y: np.ndarray,
