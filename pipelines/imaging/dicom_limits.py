@@ -298,7 +298,11 @@ def check_pixel_budget(ds: Dataset, limits: DicomLimits | None = None) -> None:
             f"the {size_text(limits.max_pixel_bytes)} cap; refused before decoding")
     meta = getattr(ds, "file_meta", None)
     syntax = meta.get("TransferSyntaxUID") if meta is not None else None
-    if syntax is None or not syntax.is_encapsulated or "PixelData" not in ds:
+    try:
+        encapsulated = syntax is not None and syntax.is_encapsulated
+    except (AttributeError, ValueError):
+        return  # not a transfer syntax UID: left for the store's checks and the decoder
+    if not encapsulated or "PixelData" not in ds:
         return
     _check_codestreams(ds.PixelData, rows, cols)
 

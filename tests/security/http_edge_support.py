@@ -9,8 +9,9 @@ generator, counts the chunks the app pulled, and gives up after ``give_up_s``.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -107,9 +108,30 @@ def drive(app: FastAPI, method: str, path: str, chunks: Iterator[bytes], *,
             await asyncio.gather(task, return_exceptions=True)
 
     started = time.perf_counter()
-    asyncio.run(run())
+    run_in_fresh_loop(run())
     answer.seconds = time.perf_counter() - started
     return answer
+
+
+def run_in_fresh_loop(coroutine: Coroutine[Any, Any, None]) -> None:
+    """``asyncio.run`` in a thread of its own.
+
+    Earlier tests in the same process (Playwright's sync API) may leave an event loop
+    running in the main thread, where ``asyncio.run`` refuses to start.
+    """
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            asyncio.run(coroutine)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    thread = threading.Thread(target=target, name="test-event-loop")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 def stream(total: int, chunk: int = 64 * 1024, byte: bytes = b"[") -> Iterator[bytes]:

@@ -8,7 +8,6 @@ Methods are now one of a fixed set or ``other``, and routes are templates or
 
 from __future__ import annotations
 
-import asyncio
 import random
 import re
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from tests.security.http_edge_support import edge_settings, running
+from tests.security.http_edge_support import edge_settings, run_in_fresh_loop, running
 
 SERIES = re.compile(r"^clinfuse_http_request_duration_seconds_count\{([^}]*)\}", re.M)
 
@@ -54,7 +53,7 @@ def test_random_methods_and_paths_leave_metrics_bounded(client: TestClient) -> N
             for method, path in requests:
                 await c.request(method, path)
 
-    asyncio.run(send_all())
+    run_in_fresh_loop(send_all())
     after, size = _series(client)
     grown = after - baseline
     # New series: at most method "other" on the few matched routes and "<unmatched>",
