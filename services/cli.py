@@ -61,6 +61,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from services.app import create_app
     from services.core.config import Settings
+    from services.http_protocol import protocol_with_header_deadline
     from services.observability import configure_logging
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port,
@@ -86,6 +87,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     tls = settings.http_tls and settings.tls_certfile is not None
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port,
+                http=protocol_with_header_deadline(settings.request_header_timeout_s),
                 log_config=None, access_log=False,
                 ssl_certfile=settings.tls_certfile if tls else None,
                 ssl_keyfile=settings.tls_keyfile if tls else None)

@@ -201,6 +201,7 @@ def serve_demo(demo: DemoService, *, host: str = "127.0.0.1", port: int = 8000) 
     import uvicorn
 
     from services.app import create_app
+    from services.http_protocol import protocol_with_header_deadline
     from services.observability import configure_logging
 
     settings = demo.settings.model_copy(update={"host": host, "port": port})
@@ -214,4 +215,5 @@ def serve_demo(demo: DemoService, *, host: str = "127.0.0.1", port: int = 8000) 
     # in the JSON log.
     sys.stderr.write("\n".join(banner) + "\n")
     uvicorn.run(create_app(settings), host=host, port=port, log_config=None,
+                http=protocol_with_header_deadline(settings.request_header_timeout_s),
                 access_log=False)

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     request_body_timeout_s: float = 30.0
     #: Seconds a client has to send a whole body on the upload routes (408 after).
     upload_body_timeout_s: float = 600.0
+    #: Seconds a client has from its first byte to the end of a request's headers;
+    #: slower connections are closed (clients trickling header lines, "slowloris").
+    request_header_timeout_s: float = 10.0
     #: Host names (the Host header) the API answers besides loopback, the host of
     #: public_base_url and a specific bound host; others get 400. "*.example.org" matches
     #: subdomains; "*" turns the check off.
