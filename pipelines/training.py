@@ -495,6 +495,13 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
                                    "horizon_days": None, "population": "as in the manifest"}
     population = {"description": str(outcome.get("population", "as in the manifest")),
                   "min_age_years": min_age_of(outcome)}
+    # Structured rules (issue 20): the outcome definition's ``population_rules``, checked
+    # against the record at prediction time (pipelines/population.py).
+    rules = outcome.get("population_rules")
+    if isinstance(rules, dict):
+        population.update({k: rules[k] for k in ("alive", "inpatient_encounter_active",
+                                                 "min_hours_since_admission", "min_age_years")
+                           if k in rules})
     if manifest.sidecar.get("feature_source") == "fhir-spec":
         source: dict[str, Any] = {"kind": "fhir-spec", "spec_version": DEFAULT_SPEC.version,
                                   "spec": _plain(DEFAULT_SPEC.to_dict())}

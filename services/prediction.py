@@ -73,6 +73,7 @@ from pipelines.explain import Explainer, ExplainError, validation_label
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
 from pipelines.manifest import CohortManifest
 from pipelines.model_inputs import ModelDataError
+from pipelines.population import check_population
 from pipelines.scoring import LoadedModel, load_model
 from services.core.config import Settings
 from services.dicom_store import DicomStore
@@ -497,7 +498,12 @@ class PredictionService:
         present = [mod for j, mod in enumerate(MODALITIES) if inputs.available[0, j]]
         modalities = "+".join(present) or "none"
         attributes = audit_attributes(record.demographics, t)
-        refusal = inputs.refusal[0]
+        # The stated population, every rule checked against the record (issue 20): a
+        # failed rule refuses; one the record cannot answer is scored with a warning.
+        population_refusal, unchecked = check_population(m.config.get("population"),
+                                                         record, t)
+        refusal = population_refusal or inputs.refusal[0]
+        warnings = [*warnings, *unchecked]
         timings = {"inputs": 1000 * (time.perf_counter() - t0)}
         if refusal is not None:
             decisions = {k: {"threshold": v, "flag": None} for k, v in self.thresholds.items()}

@@ -46,6 +46,9 @@ OUTCOME_DEFINITION: dict[str, Any] = {
     "horizon_days": 30,
     "index_time": "72 h after inpatient admission",
     "population": "adult inpatients (age >= 18) still admitted 72 h after admission",
+    # The same population as rules the service checks (pipelines/population.py).
+    "population_rules": {"alive": True, "inpatient_encounter_active": True,
+                         "min_hours_since_admission": 72, "min_age_years": 18},
     "coding": {
         "death": {"system": SNOMED, "code": "419620001", "display": "Death",
                   "fhir": "Patient.deceasedDateTime"},
