@@ -207,7 +207,8 @@ class Explainer:
             return None
         embedding = NoteEmbedder(m.note_encoder, self.cache_dir / "notes").embed(note)
         result = attribute_sentences(m.fusion, X, mask, embedding,
-                                     to_points=lambda v: to_points(v, logit, base))
+                                     to_points=lambda v: to_points(v, logit, base),
+                                     boilerplate=getattr(m, "note_boilerplate", None))
         return result.to_dict()
 
     # -- the explanation -------------------------------------------------------------
@@ -328,9 +329,9 @@ def rationale(explanation: dict[str, Any], outcome: dict[str, Any]) -> str:
         parts.append("Top EHR findings: " + "; ".join(f["text"] for f in ehr["top_features"][:3])
                      + ".")
     notes = explanation.get("notes")
-    if notes and notes["highlights"]:
-        top = notes["highlights"][0]
-        parts.append(f'Note: "{top["sentence"]}" ({format_points(top["points"])}).')
+    note_part = _note_rationale(notes, explanation["modalities"])
+    if note_part:
+        parts.append(note_part)
     image = explanation.get("image")
     if image and image.get("top_slices"):
         shape = image.get("shape") or []
@@ -339,6 +340,35 @@ def rationale(explanation: dict[str, Any], outcome: dict[str, Any]) -> str:
         parts.append(f"Imaging: strongest attribution in {where}.")
     parts.append(explanation["validation_label"] + ".")
     return " ".join(parts)
+
+
+#: Notes moving the risk by at least this many percentage points must be explained by a
+#: cited sentence, or the rationale says that no sentence qualifies.
+MATERIAL_NOTE_POINTS = 1.0
+
+
+def _note_rationale(notes: dict[str, Any] | None, modalities: list[dict[str, Any]]
+                    ) -> str | None:
+    """The notes' sentence of the rationale.
+
+    Cites only what :func:`pipelines.note_evidence.select_evidence` made citable (never
+    a negated or boilerplate sentence), in the direction the notes moved the risk. When
+    the notes moved it materially and no sentence qualifies, says so instead of citing
+    nothing.
+    """
+    if not notes:
+        return None
+    points = sum(float(d["points"]) for d in modalities if d["modality"] == "note")
+    citable = notes.get("citable_raising" if points >= 0 else "citable_lowering") or []
+    if citable:
+        top = citable[0]
+        return f'Note: "{top["sentence"]}" ({format_points(top["points"])}).'
+    if abs(points) >= MATERIAL_NOTE_POINTS:
+        direction = "raised" if points > 0 else "lowered"
+        return (f"Notes {direction} the risk ({format_points(points)}), but no single note "
+                "sentence qualifies as evidence (negated findings and template sentences "
+                "are never cited).")
+    return None
 
 
 # ------------------------------------------------------------------------ FHIR

@@ -10,9 +10,12 @@ The pooled note vector is rebuilt the way the model reads notes: the plain mean
 affirmed/negated split (``pool_negation``, ``2 d + 2``) otherwise. The rebuilt
 vector is checked against the model input before anything is attributed.
 
-Negated findings ("Denies chest pain.") are never shown as evidence *for* risk:
-a negated sentence that raises the logit is reported in ``suppressed``, not in
-the highlights.
+Which sentences are shown and cited is decided by
+:func:`pipelines.note_evidence.select_evidence` alone: negated findings ("Denies
+chest pain.") are never shown as evidence *for* risk nor cited (a negated sentence
+that raises the logit is reported in ``suppressed``), and template sentences of the
+training cohort (the artifact's fitted :class:`~pipelines.note_evidence.BoilerplateSentences`)
+are never shown nor cited (``boilerplate``).
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from pipelines.note_evidence import BoilerplateSentences, select_evidence
 
 __all__ = ["NoteAttribution", "SentenceAttribution", "attribute_sentences", "negation_flags"]
 
@@ -71,12 +76,19 @@ class NoteAttribution:
     highlights: list[SentenceAttribution] = field(default_factory=list)
     suppressed: list[SentenceAttribution] = field(default_factory=list)
     pooling: str = "mean"
+    #: Citable in the rationale (never negated, never boilerplate), strongest first.
+    raising: list[SentenceAttribution] = field(default_factory=list)
+    lowering: list[SentenceAttribution] = field(default_factory=list)
+    boilerplate: list[SentenceAttribution] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {"pooling": self.pooling,
                 "method": "sentence occlusion at the pooling step (cached embeddings)",
                 "highlights": [s.to_dict() for s in self.highlights],
+                "citable_raising": [s.to_dict() for s in self.raising],
+                "citable_lowering": [s.to_dict() for s in self.lowering],
                 "negated_not_shown_as_evidence": [s.to_dict() for s in self.suppressed],
+                "boilerplate_not_shown_as_evidence": [s.to_dict() for s in self.boilerplate],
                 "sentences": [s.to_dict() for s in self.sentences]}
 
 
@@ -93,7 +105,8 @@ def _vector(embedding: Any, keep: np.ndarray, dim: int) -> tuple[np.ndarray, str
 def attribute_sentences(model: Any, X: Mapping[str, np.ndarray], mask: np.ndarray,
                         embedding: Any, *, top: int = 3,
                         to_points: Callable[[np.ndarray], np.ndarray] | None = None,
-                        atol: float = 1e-4) -> NoteAttribution:
+                        atol: float = 1e-4,
+                        boilerplate: BoilerplateSentences | None = None) -> NoteAttribution:
     """Occlude each sentence of one example's notes; see the module docstring.
 
     Parameters
@@ -108,6 +121,9 @@ def attribute_sentences(model: Any, X: Mapping[str, np.ndarray], mask: np.ndarra
         Logit attributions -> percentage points (default: zeros).
     atol : float
         How far the rebuilt pooled vector may be from ``X["note"]``.
+    boilerplate : BoilerplateSentences, optional
+        The artifact's fitted template sentences; never shown nor cited. None (an
+        artifact saved before it existed): no sentence is treated as boilerplate.
     """
     mods = tuple(model.modalities_)
     row_mask = np.asarray(mask, dtype=bool).reshape(1, -1)
@@ -137,8 +153,6 @@ def attribute_sentences(model: Any, X: Mapping[str, np.ndarray], mask: np.ndarra
     items = [SentenceAttribution(i, embedding.sentences[i], int(note_index[i]),
                                  bool(negated[i]), float(deltas[i]), float(points[i]))
              for i in range(n)]
-    ranked = sorted(items, key=lambda s: -abs(s.logit))
-    # A negated finding raising the risk is not evidence of that finding: never shown as such.
-    suppressed = [s for s in ranked if s.negated and s.logit > 0]
-    shown = [s for s in ranked if not (s.negated and s.logit > 0) and abs(s.logit) > 1e-9]
-    return NoteAttribution(items, shown[:top], suppressed, pooling)
+    chosen = select_evidence(items, boilerplate=boilerplate, top=top)
+    return NoteAttribution(items, chosen.highlights, chosen.suppressed, pooling,
+                           chosen.raising, chosen.lowering, chosen.boilerplate)

@@ -39,6 +39,7 @@ from pipelines.model_inputs import (
     image_logits,
     load_images,
 )
+from pipelines.note_evidence import BoilerplateSentences
 from pipelines.notes import NoteEmbedder
 from pipelines.training import MODEL_FORMAT, USER_ERRORS
 
@@ -90,6 +91,10 @@ class LoadedModel:
             self.image_hashes = [encoder_hash(t[f"image_encoder_{f}"])
                                  for f in range(len(self.image))]
         self.note_encoder: Any = None
+        # Fitted template sentences (never evidence); None for artifacts saved before
+        # they were stored: no sentence is then treated as boilerplate.
+        self.note_boilerplate = BoilerplateSentences.from_document(
+            artifact.documents.get("note_boilerplate"))
         if cfg.get("note_encoder"):
             if cfg.get("note_encoder_kind") == "tfidf":
                 vocab = artifact.documents["note_vocabulary"]

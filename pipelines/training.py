@@ -85,6 +85,7 @@ from pipelines.model_inputs import (
     spatial_dims_of,
 )
 from pipelines.note_choice import NoteChoice, choose_notes
+from pipelines.note_evidence import BoilerplateSentences
 
 __all__ = ["DEFAULT_CONFIG", "MODEL_FORMAT", "TrainingError", "main_train", "train"]
 
@@ -560,6 +561,11 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         documents["note_vocabulary"] = {"params": str(tfidf["params"][()]),
                                         "vocabulary": [str(t) for t in tfidf["vocabulary"]],
                                         "fingerprint": str(tfidf["fingerprint"][()])}
+    if note_encoder is not None and "note" in present_mods:
+        # Template sentences of the training notes: never shown or cited as evidence
+        # (pipelines.note_evidence); fitted on the training rows only.
+        documents["note_boilerplate"] = BoilerplateSentences().fit(
+            [notes[i] for i in train_rows]).to_document()
     if isinstance(note_encoder, TfidfLrNoteScorer) and "note" in present_mods:
         scorer = note_encoder.get_state()
         tensors["note_encoder"] = {
