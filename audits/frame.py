@@ -49,6 +49,7 @@ from audits._inference import (
     rate_ratio_test,
 )
 from audits._metrics import METRICS, Binning, _logit, exact_metrics, hist_metrics, make_binning
+from audits.suppression import Margin, complementary_suppression
 from audits.table import MODALITY_COLUMNS, AuditInputError, ScoreTable, load_score_table
 
 __all__ = ["INSUFFICIENT", "AuditFrame", "FlagRules"]
@@ -253,8 +254,12 @@ class AuditFrame:
         self._membership = np.array(rows, dtype=np.float64)
         cell_n = np.bincount(self._cell, minlength=len(cells))
         self._group_n = self._membership @ cell_n
-        self.suppressed = self._group_n < self.min_group_size
         index = {g.key: i for i, g in enumerate(groups)}
+        self._group_margins = _group_margins(groups, index)
+        # Primary (n < min_group_size) and complementary suppression: no hidden group
+        # size can be solved for from the shown ones (see audits.suppression).
+        self.suppressed = complementary_suppression(
+            self._group_n, self._group_n < self.min_group_size, self._group_margins)
         # Reference of a single attribute: the requested level, else its largest group.
         self.reference: dict[str, Group] = {}
         ref_level: dict[str, str] = {}
@@ -353,8 +358,10 @@ class AuditFrame:
         if not self.modalities:
             self._miss_points = pd.DataFrame()
             self._miss_perf = pd.DataFrame()
+            self._miss_hidden = np.zeros((len(self.groups), 0), bool)
             return
         have = np.stack([df[c].to_numpy(bool) for c in self.modalities], axis=1)
+        self._miss_hidden = self._missing_suppression(have)
         pattern = (have * (1 << np.arange(have.shape[1]))).sum(1)
         n_pat = 1 << have.shape[1]
         engine = HistogramBootstrap(cell=self._cell, bins=pattern,
@@ -408,6 +415,33 @@ class AuditFrame:
                     rec[f"{m}_diff"] = rec[f"{m}_missing"] - rec[f"{m}_present"]
                 perf_rows.append(rec)
         self._miss_perf = pd.DataFrame(perf_rows)
+
+    def _missing_suppression(self, have: np.ndarray) -> np.ndarray:
+        """(groups, modalities): whether a group's missing/present counts are hidden.
+
+        Cells per modality: group sizes, then missing counts, then present counts.
+        A count under ``min_group_size`` is hidden, missing + present = group size and
+        every group margin hold for both, and complementary suppression closes the
+        gaps. A hidden cell hides the group's missing rate too (rate x n is the count).
+        """
+        n_g = len(self.groups)
+        out = np.zeros((n_g, have.shape[1]), bool)
+        for k in range(have.shape[1]):
+            per_cell = np.bincount(self._cell, weights=(~have[:, k]).astype(float),
+                                   minlength=len(self._cells))
+            miss = self._membership @ per_cell
+            pres = self._group_n - miss
+            values = np.concatenate([self._group_n, miss, pres])
+            primary = np.concatenate([self.suppressed,
+                                      self.suppressed | (miss < self.min_group_size),
+                                      self.suppressed | (pres < self.min_group_size)])
+            margins: list[Margin] = [(g, [n_g + g, 2 * n_g + g]) for g in range(n_g)]
+            for off in (n_g, 2 * n_g):
+                margins += [(t + off, [p + off for p in parts])
+                            for t, parts in self._group_margins]
+            hidden = complementary_suppression(values, primary, margins)
+            out[:, k] = hidden[n_g:2 * n_g] | hidden[2 * n_g:]
+        return out
 
     # ---------------------------------------------------------------- disparities
     def _compute_test_sums(self, df: pd.DataFrame) -> None:
@@ -508,7 +542,9 @@ class AuditFrame:
                 metric_sources.append((m, m, self._reps[m][i], self._reps[m][r],
                                        float(self._points[m].iloc[i]),
                                        float(self._points[m].iloc[r])))
-            for c in self.modalities:
+            for k, c in enumerate(self.modalities):
+                if self._miss_hidden[i, k] or self._miss_hidden[r, k]:
+                    continue  # a shown rate x a shown n would give a hidden count
                 metric_sources.append(("missing_rate", f"missing_rate:{c}", self._miss_reps[c][i],
                                        self._miss_reps[c][r],
                                        float(self._miss_points[c].iloc[i]),
@@ -682,10 +718,10 @@ class AuditFrame:
         if self._miss_points.empty:
             return pd.DataFrame()
         rows = []
-        for c in self.modalities:
+        for k, c in enumerate(self.modalities):
             lo, hi = self._ci(self._miss_reps[c])
             for i, g in enumerate(self.groups):
-                if self.suppressed[i]:
+                if self.suppressed[i] or self._miss_hidden[i, k]:
                     continue
                 rows.append({"dimension": g.dim_name, "group": g.name,
                              "modality": MODALITY_COLUMNS.get(c, c),
@@ -712,14 +748,19 @@ class AuditFrame:
                 los.append(float(lo))
                 his.append(float(hi))
             out[f"{m}_diff_lower"], out[f"{m}_diff_upper"] = los, his
-        small = (out["n_missing"] < self.min_group_size) | (out["n_present"] < self.min_group_size)
+        mod_index = {MODALITY_COLUMNS.get(c, c): k for k, c in enumerate(self.modalities)}
+        # The audit's one suppression decision (primary and complementary).
+        small = np.array([bool(self._miss_hidden[keys[(d, g)], mod_index[m]]) for d, g, m in
+                          zip(out["dimension"], out["group"], out["modality"], strict=True)],
+                         bool)
         value_cols = [c for c in out.columns if c not in ("dimension", "group", "modality",
                                                            "n_missing", "n_present")]
         out.loc[small, value_cols] = np.nan
         for side in ("missing", "present"):
             tiny = out[f"n_{side}"] < self.min_group_size
             out[f"n_{side}"] = out[f"n_{side}"].astype(object)
-            out.loc[tiny, f"n_{side}"] = f"<{self.min_group_size}"
+            out.loc[small & ~tiny, f"n_{side}"] = INSUFFICIENT
+            out.loc[small & tiny, f"n_{side}"] = f"<{self.min_group_size}"
         return out
 
     def reliability(self, group: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -733,6 +774,19 @@ class AuditFrame:
 
         m = self._rows_of(group)
         return roc_points(self._s[m], self._y[m])
+
+    def metric_shown(self, metric: str, group: int) -> bool:
+        """Whether a group's metric may be shown anywhere (table, chart, legend, JSON).
+
+        Not for a suppressed group, nor (event-conditional metrics) with fewer than
+        ``min_events`` rows in the metric's denominator, nor when it is undefined.
+        """
+        if self.suppressed[group]:
+            return False
+        if not math.isfinite(float(self._points[metric].iloc[group])):
+            return False
+        return not (metric in _EVENT_DENOMINATOR
+                    and self._denominator(metric, group) < self.min_events)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready results; suppressed groups carry "insufficient data", never numbers."""
@@ -753,7 +807,7 @@ class AuditFrame:
                                              "tpr", "fnr", "fpr", "ppv", "npv")
                                          else "undefined"}
                     continue
-                if m in _EVENT_DENOMINATOR and self._denominator(m, i) < self.min_events:
+                if not self.metric_shown(m, i):
                     rec["metrics"][m] = {"value": None, "status": f"{INSUFFICIENT} (<"
                                          f"{self.min_events} {_EVENT_DENOMINATOR[m]})"}
                     continue
@@ -776,6 +830,33 @@ class AuditFrame:
             "missingness_performance": _records(self.missingness_performance),
             "warnings": list(self.warnings),
         }
+
+
+def _group_margins(groups: list[Group], index: dict[tuple[str, str], int]) -> list[Margin]:
+    """Every additive relation among group sizes (the same holds for any count).
+
+    The levels of one attribute sum to everyone; the cells of an intersection
+    ``a x b`` with ``a`` at one level sum to that level of ``a`` (and likewise for
+    ``b``). Absent cells are zero and add nothing.
+    """
+    margins: list[Margin] = []
+    by_dim: dict[tuple[str, ...], list[int]] = {}
+    for i, g in enumerate(groups):
+        if g.dimension:
+            by_dim.setdefault(g.dimension, []).append(i)
+    for dim, members in by_dim.items():
+        if len(dim) == 1:
+            margins.append((0, members))
+            continue
+        for pos, attr in enumerate(dim):
+            parts: dict[str, list[int]] = {}
+            for i in members:
+                parts.setdefault(groups[i].levels[pos], []).append(i)
+            for level, cells in parts.items():
+                total = index.get((attr, level))
+                if total is not None:
+                    margins.append((total, cells))
+    return margins
 
 
 def _slope_intercept(full: dict[str, np.ndarray]) -> np.ndarray:

@@ -213,6 +213,11 @@ def _curves_figure(audit: AuditFrame, kind: str) -> Figure:
             style = {"color": _COLOURS[k % len(_COLOURS)], "linestyle": _STYLES[k % 4]}
             name = textwrap.shorten(audit.groups[i].name, 40, placeholder="...")
             if kind == "roc":
+                if not audit.metric_shown("auroc", i):
+                    # The table says "insufficient data"; so do the curve and legend
+                    # (a curve's steps would count the group's few events).
+                    ax.plot([], [], label=f"{name}: {INSUFFICIENT}", **style)
+                    continue
                 fpr, tpr = audit.roc(i)
                 auc = audit._points["auroc"].iloc[i]
                 ax.plot(fpr, tpr, label=f"{name} ({_fmt(float(auc), 2)})", **style)
