@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
+import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
@@ -59,6 +60,12 @@ class BoilerplateSentences(BaseEstimator):  # type: ignore[misc]
     min_notes : int, default 20
         Below this many non-empty notes no sentence is called boilerplate (the
         frequencies would mean little).
+    min_rate_ratio : float, default 0.5
+        With labels given to :meth:`fit`, a frequent sentence is boilerplate only if it
+        is about as common in the notes of events as of non-events (the smaller of the
+        two rates at least this share of the larger): template text is written
+        whatever the outcome, while a frequent finding that tracks the outcome
+        ("Reports chest pain." in most events' notes) is evidence, not boilerplate.
 
     Attributes
     ----------
@@ -73,32 +80,56 @@ class BoilerplateSentences(BaseEstimator):  # type: ignore[misc]
     _parameter_constraints: ClassVar[dict[str, list[Any]]] = {
         "max_df": [Interval(Real, 0, 1, closed="neither")],
         "min_notes": [Interval(Integral, 1, None, closed="left")],
+        "min_rate_ratio": [Interval(Real, 0, 1, closed="both")],
     }
 
-    def __init__(self, *, max_df: float = 0.25, min_notes: int = 20) -> None:
+    def __init__(self, *, max_df: float = 0.25, min_notes: int = 20,
+                 min_rate_ratio: float = 0.5) -> None:
         self.max_df = max_df
         self.min_notes = min_notes
+        self.min_rate_ratio = min_rate_ratio
 
     def fit(self, notes: Iterable[str | Sequence[str] | None], y: Any = None
             ) -> BoilerplateSentences:
-        """Count, per example, which distinct sentences its notes contain."""
+        """Count, per example, which distinct sentences its notes contain.
+
+        ``y`` (optional, 0/1 per example): see ``min_rate_ratio``.
+        """
         from pipelines.notes import split_sentences
 
         self._validate_params()
+        notes = list(notes)
+        labels = None if y is None else np.asarray(y, dtype=int).ravel()
+        if labels is not None and len(labels) != len(notes):
+            raise ValueError(f"BoilerplateSentences.fit got {len(notes)} notes and "
+                             f"{len(labels)} labels; expected one label per note")
         df: Counter[str] = Counter()
+        by_class: dict[int, Counter[str]] = {0: Counter(), 1: Counter()}
+        n_class = {0: 0, 1: 0}
         n = 0
-        for example in notes:
+        for i, example in enumerate(notes):
             texts = [example] if isinstance(example, str) else list(example or [])
             found = {normalise_sentence(s) for t in texts if isinstance(t, str)
                      for s in split_sentences(t)}
             if found:
                 n += 1
                 df.update(found)
+                if labels is not None:
+                    c = int(labels[i] == 1)
+                    by_class[c].update(found)
+                    n_class[c] += 1
         self.n_notes_ = n
         self.df_threshold_ = math.floor(self.max_df * n)
-        self.sentences_ = (frozenset(s for s, c in df.items() if c > self.df_threshold_)
-                           if n >= self.min_notes else frozenset())
+        frequent = [s for s, c in df.items() if c > self.df_threshold_]
+        if labels is not None and min(n_class.values()) > 0:
+            frequent = [s for s in frequent if self._outcome_blind(
+                by_class[1][s] / n_class[1], by_class[0][s] / n_class[0])]
+        self.sentences_ = frozenset(frequent) if n >= self.min_notes else frozenset()
         return self
+
+    def _outcome_blind(self, rate_events: float, rate_others: float) -> bool:
+        return min(rate_events, rate_others) >= self.min_rate_ratio * max(rate_events,
+                                                                           rate_others)
 
     def is_boilerplate(self, sentence: str) -> bool:
         check_is_fitted(self, "sentences_")
@@ -108,6 +139,7 @@ class BoilerplateSentences(BaseEstimator):  # type: ignore[misc]
         """JSON document for the model artifact (``note_boilerplate.json``)."""
         check_is_fitted(self, "sentences_")
         return {"max_df": float(self.max_df), "min_notes": int(self.min_notes),
+                "min_rate_ratio": float(self.min_rate_ratio),
                 "n_notes": int(self.n_notes_), "df_threshold": int(self.df_threshold_),
                 "sentences": sorted(self.sentences_)}
 
@@ -119,7 +151,8 @@ class BoilerplateSentences(BaseEstimator):  # type: ignore[misc]
             return None
         if not isinstance(doc.get("sentences"), list):
             raise ValueError("note_boilerplate document has no 'sentences' list")
-        est = cls(max_df=float(doc["max_df"]), min_notes=int(doc["min_notes"]))
+        est = cls(max_df=float(doc["max_df"]), min_notes=int(doc["min_notes"]),
+                  min_rate_ratio=float(doc.get("min_rate_ratio", 0.5)))
         est.n_notes_ = int(doc["n_notes"])
         est.df_threshold_ = int(doc["df_threshold"])
         est.sentences_ = frozenset(normalise_sentence(str(s)) for s in doc["sentences"])

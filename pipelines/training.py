@@ -565,7 +565,7 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         # Template sentences of the training notes: never shown or cited as evidence
         # (pipelines.note_evidence); fitted on the training rows only.
         documents["note_boilerplate"] = BoilerplateSentences().fit(
-            [notes[i] for i in train_rows]).to_document()
+            [notes[i] for i in train_rows], y[train_rows]).to_document()
     if isinstance(note_encoder, TfidfLrNoteScorer) and "note" in present_mods:
         scorer = note_encoder.get_state()
         tensors["note_encoder"] = {

@@ -131,6 +131,16 @@ def test_template_sentences_are_fitted_as_boilerplate_and_never_shown(
     assert _cited(doc["rationale"]) not in TEMPLATES
 
 
+def test_a_frequent_finding_that_tracks_the_outcome_is_not_boilerplate() -> None:
+    y = np.array([1, 0] * 20)
+    notes = [" ".join([*TEMPLATES, *(["Reports chest pain."] if label else [])])
+             for label in y]
+    fitted = BoilerplateSentences().fit(notes, y)
+    assert fitted.is_boilerplate(TEMPLATES[0])
+    assert not fitted.is_boilerplate("Reports chest pain.")  # in half the notes, all events
+    assert BoilerplateSentences().fit(notes).is_boilerplate("Reports chest pain.")
+
+
 def test_planted_finding_is_highlighted_and_cited(planted: dict[str, Any]) -> None:
     doc = _explain(planted["model"], planted["x"], planted["emb"], planted["boilerplate"])
     assert doc["notes"]["highlights"][0]["sentence"] == PLANTED
