@@ -169,8 +169,9 @@ def plain_summary(audit: AuditFrame) -> list[str]:
         out += _condensed_findings(flags)
     n_small = int(audit.suppressed.sum())
     if n_small:
-        out.append(f"{n_small} group(s) had fewer than {audit.min_group_size} encounters and "
-                   f"are shown as \"{INSUFFICIENT}\".")
+        out.append(f"{n_small} group(s) are shown as \"{INSUFFICIENT}\": they had fewer than "
+                   f"{audit.min_group_size} encounters, or are hidden so that a small group's "
+                   f"size cannot be worked out by subtracting the others from a total.")
     out += [f"Note: {w}" for w in audit.warnings[:5]]
     return out
 

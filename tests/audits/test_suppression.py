@@ -19,7 +19,7 @@ import pandas as pd
 import pytest
 
 from audits.frame import AuditFrame
-from audits.report import _curves_figure, build_record, render_html
+from audits.report import _curves_figure, build_record, render_html, render_pdf
 
 MIN = 30
 
@@ -116,7 +116,26 @@ def _html_tables(page: str) -> list[list[list[str]]]:
     return tables
 
 
-def _shown(record: dict[str, Any], page: str) -> dict[tuple[str, ...], float]:
+def _pdf_tables(lines: list[str]) -> list[list[list[str]]]:
+    """The PDF's pipe-separated table lines as tables (a header line opens one)."""
+    tables: list[list[list[str]]] = []
+    for line in lines:
+        if " | " not in line:
+            continue
+        cells = [c.strip() for c in line.split(" | ")]
+        if cells[:2] == ["dimension", "group"] or not tables:
+            tables.append([cells])
+        else:
+            tables[-1].append(cells)
+    # The missing-rate lines come before their (absent) header: name it as the HTML does.
+    for t in tables:
+        if len(t[0]) == 4 and "%" in t[0][3]:
+            t.insert(0, ["dimension", "group", "modality", "missing rate [95% CI]"])
+    return tables
+
+
+def _shown(record: dict[str, Any], page: str,
+           extra_tables: list[list[list[str]]] | None = None) -> dict[tuple[str, ...], float]:
     """Every count the outputs show or let one compute from a shown rate x shown n."""
     res = record["results"]
     known: dict[tuple[str, ...], float] = {("n", "overall", "all patients"): res["n_rows"]}
@@ -143,11 +162,13 @@ def _shown(record: dict[str, Any], page: str) -> dict[tuple[str, ...], float]:
             if isinstance(r[side], int | float):
                 known[(kind, r["dimension"], r["group"], "imaging")] = r[side]
     # The HTML tables: group sizes, missing rates (to 0.1 %), missing/present counts.
-    for rows in _html_tables(page):
+    for rows in [*_html_tables(page), *(extra_tables or [])]:
         if not rows:
             continue
         head = rows[0]
         for row in rows[1:]:
+            if len(row) < min(len(head), 5):
+                continue  # a wrapped line's tail
             if head[:3] == ["dimension", "group", "n"] and _num(row[2]) is not None:
                 known[("n", row[0], row[1])] = _num(row[2]) or 0.0
             if head[:4] == ["dimension", "group", "modality", "missing rate [95% CI]"]:
@@ -196,6 +217,39 @@ def test_no_suppressed_cell_is_recoverable(audit: AuditFrame, record: dict[str, 
     # ... and must not include any cell below the minimum group size.
     leaked = sorted(k for k in suppressed if k in known)
     assert not leaked, f"suppressed cells recoverable from the outputs: {leaked}"
+
+
+def test_pdf_text_leaks_nothing(audit: AuditFrame, record: dict[str, Any], tmp_path: Any,
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every text the PDF draws (tables, titles, legends) joins the adversary's view."""
+    from matplotlib.backends.backend_pdf import PdfPages
+    from matplotlib.text import Text
+
+    drawn: list[str] = []
+    real_savefig = PdfPages.savefig
+
+    def spy(self: PdfPages, figure: Any = None, **kw: Any) -> None:
+        for t in figure.findobj(Text):
+            drawn.extend(t.get_text().splitlines())
+        real_savefig(self, figure, **kw)
+
+    monkeypatch.setattr(PdfPages, "savefig", spy)
+    render_pdf(audit, record, tmp_path / "report.pdf")
+    assert any("insufficient data" in line for line in drawn)
+    df = _cohort()
+    cells = _true_cells(df, ["sex", "race", "band"])
+    suppressed = {k for k, v in cells.items() if v < MIN}
+    known = _recover(_shown(record, "", _pdf_tables(drawn)), _margins(cells))
+    assert not {k for k, v in known.items() if k in cells and round(v) != cells[k]}
+    leaked = sorted(k for k in suppressed if k in known)
+    assert not leaked, f"suppressed cells recoverable from the PDF: {leaked}"
+    hidden_auroc = [g["group"] for g in record["results"]["groups"]
+                    if " x " not in g["dimension"] and g["dimension"] != "overall"
+                    and (g["status"] != "ok" or g["metrics"]["auroc"]["value"] is None)]
+    for line in drawn:
+        for name in hidden_auroc:
+            if line.startswith(name + " (") or line.startswith(name + ": "):
+                assert not re.search(r"\d", line[len(name):]), f"PDF legend {line!r}"
 
 
 def test_suppressed_groups_carry_no_numbers(audit: AuditFrame, record: dict[str, Any]) -> None:
