@@ -157,6 +157,13 @@ def test_tfidf_artifact_records_the_learner_and_scores_with_marks(
     # The scored note input is the training one: probabilities for every row.
     inputs = m.inputs(read_manifest(trained["manifest"]), trained["root"] / "cache")
     assert inputs.X["note"].shape == (240, 384) and inputs.available[:, 2].all()
+    # Boilerplate (issue 20): fitted on the training notes and labels, stored, reloaded.
+    # The outcome-blind fillers are template text; the findings that track the outcome
+    # are not, however frequent.
+    bp = m.note_boilerplate
+    assert bp is not None and bp.n_notes_ > 0 and bp.sentences_
+    assert bp.sentences_ <= {f.lower() for f in FILLER[:6]}
+    assert not {"reports chest pain.", "denies fever."} & bp.sentences_
 
 
 def test_negated_sentences_are_never_shown_as_raising_the_risk(
