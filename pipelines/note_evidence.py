@@ -36,6 +36,7 @@ from sklearn.utils._param_validation import Interval
 from sklearn.utils.validation import check_is_fitted
 
 from models.negation import is_negated
+from pipelines.notes import _HEADER, split_sentences
 
 __all__ = ["BoilerplateSentences", "EvidenceSelection", "normalise_sentence",
            "select_evidence"]
@@ -44,8 +45,17 @@ _SPACE = re.compile(r"\s+")
 
 
 def normalise_sentence(sentence: str) -> str:
-    """Case- and whitespace-insensitive form used to match template sentences."""
-    return _SPACE.sub(" ", sentence).strip().lower()
+    """Case- and whitespace-insensitive form used to match template sentences.
+
+    A leading section header is dropped ("Plan: Labs reviewed with the team." is the
+    template "Labs reviewed with the team."): the splitter keeps a header with its
+    first sentence, so the same template would otherwise count apart under each one.
+    """
+    text = _SPACE.sub(" ", sentence).strip()
+    header = _HEADER.match(text)
+    if header is not None and text[header.end():].strip():
+        text = text[header.end():].strip()
+    return text.lower()
 
 
 class BoilerplateSentences(BaseEstimator):  # type: ignore[misc]
@@ -95,8 +105,6 @@ class BoilerplateSentences(BaseEstimator):  # type: ignore[misc]
 
         ``y`` (optional, 0/1 per example): see ``min_rate_ratio``.
         """
-        from pipelines.notes import split_sentences
-
         self._validate_params()
         notes = list(notes)
         labels = None if y is None else np.asarray(y, dtype=int).ravel()

@@ -133,12 +133,16 @@ def test_template_sentences_are_fitted_as_boilerplate_and_never_shown(
 
 def test_a_frequent_finding_that_tracks_the_outcome_is_not_boilerplate() -> None:
     y = np.array([1, 0] * 20)
-    notes = [" ".join([*TEMPLATES, *(["Reports chest pain."] if label else [])])
-             for label in y]
-    fitted = BoilerplateSentences().fit(notes, y)
+    # Half the notes open the template with a section header, which the splitter keeps
+    # with it: counted as the same template all the same.
+    notes = [("Plan: " if i % 4 < 2 else "") +
+             " ".join([*TEMPLATES, *(["Reports chest pain."] if label else [])])
+             for i, label in enumerate(y)]
+    fitted = BoilerplateSentences(max_df=0.6).fit(notes, y)
     assert fitted.is_boilerplate(TEMPLATES[0])
+    assert fitted.is_boilerplate("Plan: " + TEMPLATES[0])
     assert not fitted.is_boilerplate("Reports chest pain.")  # in half the notes, all events
-    assert BoilerplateSentences().fit(notes).is_boilerplate("Reports chest pain.")
+    assert BoilerplateSentences(max_df=0.4).fit(notes).is_boilerplate("Reports chest pain.")
 
 
 def test_planted_finding_is_highlighted_and_cited(planted: dict[str, Any]) -> None:
