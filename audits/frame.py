@@ -11,7 +11,9 @@ rows. Intervals are 95 % percentile intervals of a patient-level Poisson
 bootstrap over (finest intersection x score bin x label) histograms (see
 :mod:`audits._bootstrap`), shifted by ``exact - histogram`` on the full data so
 binning cannot move their centre. Groups smaller than ``min_group_size`` are
-suppressed everywhere ("insufficient data").
+suppressed everywhere ("insufficient data"), and so are the groups and missing-data
+counts that would let one work them out by subtraction (complementary suppression,
+decided once in :mod:`audits.suppression`).
 
 Examples
 --------

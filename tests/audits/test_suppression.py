@@ -273,3 +273,19 @@ def test_roc_legend_shows_no_value_for_hidden_metrics(audit: AuditFrame,
         for lab in labels:
             if lab.startswith(name + " ") or lab == name:
                 assert not re.search(r"\d", lab[len(name):]), f"ROC legend {lab!r} shows a value"
+
+
+def test_complementary_suppression_hides_the_next_smallest_part() -> None:
+    from audits.suppression import complementary_suppression
+
+    # everyone = 100 = 22 + 30 + 48: the 22 alone would be 100 - 30 - 48.
+    hidden = complementary_suppression(np.array([100, 22, 30, 48]),
+                                       np.array([False, True, False, False]),
+                                       [(0, [1, 2, 3])])
+    assert hidden.tolist() == [False, True, True, False]
+    # Nested margins: the 22 hides its complement 28, and nothing else needs to go.
+    values = np.array([100, 50, 50, 22, 28, 25, 25])  # 0=1+2, 1=3+4, 2=5+6
+    hidden = complementary_suppression(values, values < 23,
+                                       [(0, [1, 2]), (1, [3, 4]), (2, [5, 6])])
+    assert hidden[3] and hidden[4]  # 22 and its complement 28
+    assert hidden.tolist() == [False, False, False, True, True, False, False]
