@@ -274,8 +274,9 @@ class AuditFrame:
             chosen = [i for i in members if groups[i].levels == (wanted,)]
             if wanted is not None and not chosen:
                 raise AuditInputError(f"reference level {wanted!r} of {a!r} is not "
-                                      f"among its groups of at least {self.min_group_size}: "
-                                      f"{[groups[i].name for i in members]}")
+                                      f"among its reported groups (at least "
+                                      f"{self.min_group_size}, and not hidden to protect a "
+                                      f"smaller one): {[groups[i].name for i in members]}")
             best = chosen[0] if chosen else max(members, key=lambda i: float(self._group_n[i]))
             self.reference[a] = groups[best]
             ref_level[a] = groups[best].levels[0]
