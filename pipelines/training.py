@@ -536,6 +536,9 @@ def train(manifest_path: str | Path, out_dir: str | Path, *,
         "training": {"seed": seed, "config": _plain(cfg),
                      "seconds": round(time.perf_counter() - started, 1)},
     }
+    if isinstance(outcome.get("freshness"), dict):
+        # Data-freshness rules (issue 20, pipelines/freshness.py), checked at scoring.
+        model_config["freshness"] = dict(outcome["freshness"])
     tensors: dict[str, dict[str, torch.Tensor]] = {"fusion": fusion_state}
     if baseline is not None:
         base_cfg, tensors["baseline_fusion"] = baseline.to_state()

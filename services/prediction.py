@@ -71,6 +71,7 @@ from models.fusion import MODALITIES
 from pipelines.ehr_features import record_features
 from pipelines.explain import Explainer, ExplainError, validation_label
 from pipelines.feature_spec import DEFAULT_SPEC, FeatureSpec
+from pipelines.freshness import check_freshness
 from pipelines.manifest import CohortManifest
 from pipelines.model_inputs import ModelDataError
 from pipelines.population import check_population
@@ -502,8 +503,13 @@ class PredictionService:
         # failed rule refuses; one the record cannot answer is scored with a warning.
         population_refusal, unchecked = check_population(m.config.get("population"),
                                                          record, t)
-        refusal = population_refusal or inputs.refusal[0]
-        warnings = [*warnings, *unchecked]
+        # Stale or missing inputs never pass as a low score: the model's freshness rules
+        # withhold the score ("insufficient data") or flag it, as its config says.
+        freshness = (check_freshness(m.config["freshness"], record, t)
+                     if m.config.get("freshness") else None)
+        refusal = (population_refusal or (freshness.refusal if freshness else None)
+                   or inputs.refusal[0])
+        warnings = [*warnings, *unchecked, *(freshness.warnings if freshness else [])]
         timings = {"inputs": 1000 * (time.perf_counter() - t0)}
         if refusal is not None:
             decisions = {k: {"threshold": v, "flag": None} for k, v in self.thresholds.items()}
@@ -524,6 +530,8 @@ class PredictionService:
         explanation["thresholds"] = self.thresholds
         explanation["outcome"] = self.outcome
         explanation["warnings"] = warnings
+        if freshness is not None:
+            explanation["data_freshness"] = freshness.to_json()
         decisions = {k: {"threshold": v, "flag": bool(probability >= v)}
                      for k, v in self.thresholds.items()}
         t2 = time.perf_counter()
