@@ -105,3 +105,34 @@ def test_a_record_without_encounters_is_scored_and_flagged(client: TestClient,
     assert [w.split(" (")[0] for w in warnings] == [
         "population rule unchecked: inpatient_encounter_active",
         "population rule unchecked: min_hours_since_admission"]
+
+
+def test_stale_inputs_withhold_the_score_or_flag_it(client: TestClient,
+                                                    service_model: SynthModel) -> None:
+    """Freshness rules (issue 20): a stale input is withheld as insufficient data, or
+    scored with a warning and the newest input's age, as the model config says."""
+    app = app_of(client)
+    config = app.state.predictions.model.config
+    row = service_model.rows()[4]
+    body = {"resourceType": "Parameters", "parameter": [
+        {"name": "bundle", "resource": service_model.bundle(row)},
+        *index_time_parameters(service_model.index_time(row))["parameter"]]}
+    headers = {**FHIR, **bearer(app, Role.integration)}
+    # Labs no older than a minute: none at the index time is that fresh.
+    config["freshness"] = {"labs_hours": 1 / 60, "action": "withhold"}
+    params = parameters(client.post("/fhir/$predict", json=body, headers=headers).json())
+    refusal = str(params["refusal"]["valueString"])
+    assert refusal.startswith("insufficient data: ") and "laboratory results" in refusal
+    assert stored(client, str(params["prediction"]["valueId"])).probability is None
+
+    config["freshness"] = {"labs_hours": 1 / 60, "vitals_hours": 24 * 365, "action": "flag"}
+    params = parameters(client.post("/fhir/$predict", json=body, headers=headers).json())
+    assert "refusal" not in params
+    r = client.get(f"/predictions/{params['prediction']['valueId']}",
+                   headers=bearer(app, Role.clinician))
+    explanation = r.json()["explanation"]
+    [stale] = [w for w in explanation["warnings"] if w.startswith("stale data: ")]
+    assert "laboratory results" in stale
+    fresh = explanation["data_freshness"]
+    assert fresh["action"] == "flag" and fresh["hours_since"]["labs"] > 1 / 60
+    assert fresh["hours_since"]["vitals"] is not None and len(fresh["problems"]) == 1
