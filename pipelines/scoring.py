@@ -15,7 +15,7 @@ import logging
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -41,6 +41,7 @@ from pipelines.model_inputs import (
 )
 from pipelines.note_evidence import BoilerplateSentences
 from pipelines.notes import NoteEmbedder
+from pipelines.population import PopulationRules
 from pipelines.training import MODEL_FORMAT, USER_ERRORS
 
 __all__ = ["LoadedModel", "load_model", "main_score", "score"]
@@ -56,6 +57,9 @@ class ModelInputs:
     available: np.ndarray  # over MODALITIES, whether or not the model uses each
     in_population: np.ndarray
     refusal: list[str | None]
+    #: Population rules a manifest row cannot answer (it has no record: whether the
+    #: patient is alive or admitted), stated once for every row (issue 20).
+    unchecked: list[str] = field(default_factory=list)
 
 
 class LoadedModel:
@@ -167,7 +171,8 @@ class LoadedModel:
         for i in np.flatnonzero(~used.any(axis=1)):
             refusal[i] = refusal[i] or "no input: none of the model's modalities is present"
         in_pop = np.array([r is None for r in refusal], dtype=bool)
-        return ModelInputs(X, available, in_pop, refusal)
+        return ModelInputs(X, available, in_pop, refusal,
+                           manifest_unchecked(self.config.get("population")))
 
     def mask(self, available: np.ndarray, allowed: frozenset[str] | None = None,
              modalities: Sequence[str] | None = None) -> np.ndarray:
@@ -192,6 +197,20 @@ class LoadedModel:
         X = {m: inputs.X[m][rows] for m in mods}
         return self.baseline.predict_proba(X, self.mask(inputs.available[rows], None, mods),
                                            device=self.device)[:, 1]
+
+
+def manifest_unchecked(population: Any) -> list[str]:
+    """"population rule unchecked: ..." for each rule a research manifest cannot answer.
+
+    A manifest row holds features, not the record: only the age rule can be checked
+    (its ``age_years`` column); alive and the inpatient stay cannot.
+    """
+    rules = PopulationRules.from_config(population)
+    stated = {"alive": rules.alive,
+              "inpatient_encounter_active": rules.inpatient_encounter_active,
+              "min_hours_since_admission": rules.min_hours_since_admission is not None}
+    return [f"population rule unchecked: {name} (a manifest row has no record to check it "
+            "against)" for name, on in stated.items() if on]
 
 
 def load_model(model_dir: str | Path, *, trusted_keys: Sequence[str | Path] | None,
@@ -253,6 +272,9 @@ def score_table(model: LoadedModel, manifest: CohortManifest, inputs: ModelInput
         out[f"flag_{name}"] = pd.array([None if np.isnan(s) else bool(s >= value)
                                         for s in scores], dtype="boolean")
     out["refusal"] = inputs.refusal
+    # Scored rows carry the population rules their manifest could not check.
+    out["population_unchecked"] = ["; ".join(inputs.unchecked) if inputs.unchecked and
+                                   not np.isnan(s) else None for s in scores]
     return out
 
 

@@ -138,6 +138,10 @@ def test_out_of_population_rows_are_refused(synth: dict[str, Path], tmp_path: Pa
     assert scores.loc[:4, "score"].isna().all()
     assert scores.loc[:4, "refusal"].str.contains("out of population").all()
     assert scores.loc[5:, "score"].notna().all() and scores.loc[5:, "refusal"].isna().all()
+    # Issue 20: the rules a manifest cannot answer (alive, admitted) flag every scored row.
+    assert scores.loc[:4, "population_unchecked"].isna().all()
+    assert scores.loc[5:, "population_unchecked"].str.contains(
+        "population rule unchecked: inpatient_encounter_active").all()
 
 
 def _copy_manifest(src: Path, dst: Path, frame: pd.DataFrame) -> Path:

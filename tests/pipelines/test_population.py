@@ -162,3 +162,12 @@ def test_synthea_outpatients_and_the_dead_are_refused() -> None:
     assert got["inpatient_encounter_active"].status == "pass"
     assert got["min_hours_since_admission"].reason == (
         "admitted 20 h before the index time, less than 72 h")
+
+
+def test_a_research_manifest_flags_the_rules_it_cannot_check() -> None:
+    from pipelines.scoring import manifest_unchecked
+    assert manifest_unchecked(RULES) == [
+        f"population rule unchecked: {name} (a manifest row has no record to check it "
+        "against)" for name in ("alive", "inpatient_encounter_active",
+                                "min_hours_since_admission")]
+    assert manifest_unchecked({"description": "adults", "min_age_years": 18}) == []
