@@ -32,9 +32,9 @@ from fhir_adapters.record import PatientRecord, ensure_utc
 __all__ = ["INPATIENT_CLASSES", "PopulationRules", "RuleResult", "check_population"]
 
 #: FHIR v3 ActCode encounter classes that are an inpatient stay (inpatient, inpatient
-#: acute -- an ICU stay is one -- and inpatient non-acute), plus the display words some
-#: systems send as the code.
-INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC", "inpatient", "INPATIENT"})
+#: acute -- an ICU stay is one -- and inpatient non-acute), plus the words some systems
+#: send as the code and HL7 v2's PV1-2 "I" (as services/cohort_export.py accepts it).
+INPATIENT_CLASSES = frozenset({"IMP", "ACUTE", "NONAC", "inpatient", "INPATIENT", "I"})
 #: Encounter statuses that say the stay never happened or is not under way.
 _NOT_UNDER_WAY = frozenset({"planned", "cancelled", "entered-in-error"})
 
