@@ -98,13 +98,16 @@ def seed_demo(root: Path, *, n_patients: int = 60, seed: int = 11, trend: int = 
             if mrn not in index_of:
                 continue
             at = index_of[mrn]
-            if len(chosen) < featured:
-                for hours in range(24 * (trend - 1), 0, -24):
-                    service.predict_patient(session, pid, source="dashboard",
-                                            requested_by="seed",
-                                            index_time=at - timedelta(hours=hours))
             row = service.predict_patient(session, pid, source="dashboard",
                                           requested_by="seed", index_time=at)
+            if len(chosen) < featured:
+                # The trend's later points follow the index time (72 h after admission):
+                # the model's population rules refuse a score earlier in the stay.
+                # Created in index-time order, so the newest is also the latest.
+                for hours in range(24, 24 * trend, 24):
+                    service.predict_patient(session, pid, source="dashboard",
+                                            requested_by="seed",
+                                            index_time=at + timedelta(hours=hours))
             if len(chosen) < featured and row.modalities == "image+ehr+note":
                 chosen.append(pid)
         # Ingest queued background work (predict as of now); the seed already predicted.
